@@ -1,0 +1,1 @@
+"""torch.library definitions of the dspark ops: schema, fake, validation, dispatch."""

@@ -1,0 +1,119 @@
+"""Reference chain rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+For request r with l = lengths[r] drafts x_1..x_l, drafted from q_1..q_l, and
+target rows p_0..p_l (row cu_verify[r] + j is the target's distribution after
+the anchor and drafts 1..j, after temperature / top-k / top-p):
+
+    for j = 1..l:  accept x_j iff u_j * q_j(x_j) < p_{j-1}(x_j)   (prob min(1, p/q))
+                   (greedy rows, T == 0: iff x_j == argmax p_{j-1})
+    first rejection at j: emit y ~ norm(max(0, p_{j-1} - q_j)), or p_{j-1}
+                          when that residual has no mass; greedy: argmax p_{j-1}
+    all accepted:  emit the bonus y ~ p_l
+
+so every emitted token follows the target distribution exactly. Coins, residual
+draws and bonus draws use the disjoint Philox streams ACCEPT (position j-1,
+index 0), RESIDUAL (position j-1) and BONUS (position l).
+
+Draft distribution modes: draft_probs [R, γ, V] given (q read from it); or
+draft_logits [R, γ, V] (q = softmax(draft_logits / draft_temperature), one-hot
+at the argmax when that temperature is 0) with p_d(x_j) taken from
+draft_token_probs when given (byte-minimal: q is materialised only at the
+first rejection); or neither (one-hot drafts: q_j = e_{x_j}).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import rng
+from .sampling import filtered_probs, gumbel_sample
+
+
+def _draft_dist(draft_logits: torch.Tensor, draft_temperature: torch.Tensor) -> torch.Tensor:
+    """q [N, V] fp32 from pre-temperature draft logits [N, V] and T_d [N]."""
+    return filtered_probs(draft_logits, draft_temperature)
+
+
+def rejection_sample(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    lengths: torch.Tensor,
+    cu_verify: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    draft_token_probs: torch.Tensor | None,
+    draft_logits: torch.Tensor | None,
+    draft_temperature: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    device = target_logits.device
+    num_rows, vocab = target_logits.shape
+    num_req, gamma = draft_tokens.shape
+    tokens = torch.full((num_req, gamma + 1), -1, dtype=torch.int32, device=device)
+    num_accepted = torch.zeros(num_req, dtype=torch.int32, device=device)
+    if num_req == 0:
+        return tokens, num_accepted
+
+    temperature = temperature.float()
+    lengths = lengths.to(torch.int64).clamp(0, gamma)
+    starts = cu_verify[:-1].to(torch.int64)
+    greedy = temperature <= 0
+    req = torch.arange(num_req, device=device)
+    pos = torch.arange(gamma + 1, device=device)
+
+    # Target distribution of every verify row that exists: rows[r, j] = cu[r] + j.
+    rows = (starts[:, None] + pos[None, :]).clamp(max=max(num_rows - 1, 0))
+    flat_rows = rows.reshape(-1)
+    expand = lambda t: None if t is None else t[:, None].expand(num_req, gamma + 1).reshape(-1)
+    p_target = filtered_probs(
+        target_logits[flat_rows], expand(temperature), expand(top_k), expand(top_p)
+    ).reshape(num_req, gamma + 1, vocab)
+
+    # Acceptance of each draft j (0-based) against target row j.
+    drafts = draft_tokens.to(torch.int64).clamp(0, max(vocab - 1, 0))
+    p_t_x = p_target[:, :gamma].gather(-1, drafts[..., None]).squeeze(-1)
+    if draft_probs is not None:
+        p_d_x = draft_probs.float().gather(-1, drafts[..., None]).squeeze(-1)
+    elif draft_token_probs is not None:
+        p_d_x = draft_token_probs.float()
+    elif draft_logits is not None:
+        t_d = (draft_temperature if draft_temperature is not None else temperature).float()
+        q_all = _draft_dist(
+            draft_logits.reshape(num_req * gamma, vocab), t_d[:, None].expand(num_req, gamma).reshape(-1)
+        ).reshape(num_req, gamma, vocab)
+        p_d_x = q_all.gather(-1, drafts[..., None]).squeeze(-1)
+    else:
+        p_d_x = torch.ones_like(p_t_x)
+    coin = rng.uniform(seed[:, None], offset, rng.STREAM_ACCEPT, pos[None, :gamma], 0)
+    target_argmax = p_target[:, :gamma].argmax(dim=-1)
+    accept = torch.where(greedy[:, None], target_argmax == drafts, coin * p_d_x < p_t_x)
+    accept &= pos[None, :gamma] < lengths[:, None]
+    n_acc = accept.to(torch.int64).cumprod(dim=-1).sum(dim=-1)  # leading accepts
+
+    # One more token at position n_acc: a residual draw if n_acc < l, else the bonus.
+    p_final = p_target[req, n_acc]  # [R, V]
+    rejected = n_acc < lengths
+    j_rej = n_acc.clamp(max=max(gamma - 1, 0))
+    if draft_probs is not None:
+        q_rej = draft_probs[req, j_rej].float()
+    elif draft_logits is not None:
+        t_d = (draft_temperature if draft_temperature is not None else temperature).float()
+        q_rej = _draft_dist(draft_logits[req, j_rej], t_d)
+    else:
+        q_rej = torch.zeros_like(p_final).scatter_(-1, drafts[req, j_rej][:, None], 1.0)
+    residual = (p_final - q_rej).clamp(min=0.0)
+    no_mass = residual.sum(dim=-1, keepdim=True) <= 0
+    residual = torch.where(no_mass, p_final, residual)
+    y_res = gumbel_sample(residual, seed, offset, rng.STREAM_RESIDUAL, n_acc)
+    y_bonus = gumbel_sample(p_final, seed, offset, rng.STREAM_BONUS, n_acc)
+    y = torch.where(rejected, y_res, y_bonus)
+    y = torch.where(greedy, p_final.argmax(dim=-1), y)
+
+    keep_draft = pos[None, :gamma] < n_acc[:, None]
+    tokens[:, :gamma] = torch.where(keep_draft, drafts, -1).to(torch.int32)
+    tokens.scatter_(1, n_acc[:, None], y[:, None].to(torch.int32))
+    num_accepted.copy_(n_acc.to(torch.int32))
+    return tokens, num_accepted

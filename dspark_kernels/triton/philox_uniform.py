@@ -1,0 +1,28 @@
+"""Triton philox_uniform: one program per (request, block of BLOCK outputs)."""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import rng
+
+
+@triton.jit
+def _philox_uniform_kernel(seed_ptr, offset_ptr, out_ptr, n, position, STREAM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    idx = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    seed = tl.load(seed_ptr + row)
+    offset = tl.load(offset_ptr)
+    u = rng.uniform(seed, offset, STREAM, position, idx)
+    tl.store(out_ptr + row.to(tl.int64) * n + idx, u, mask=idx < n)
+
+
+def philox_uniform(seed: torch.Tensor, offset: torch.Tensor, stream: int, position: int, n: int) -> torch.Tensor:
+    rows = seed.shape[0]
+    out = torch.empty((rows, n), dtype=torch.float32, device=seed.device)
+    if rows == 0 or n == 0:
+        return out
+    block = 1024
+    grid = (rows, triton.cdiv(n, block))
+    _philox_uniform_kernel[grid](seed.contiguous(), offset.reshape(1), out, n, position, STREAM=stream, BLOCK=block)
+    return out

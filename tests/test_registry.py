@@ -1,0 +1,174 @@
+"""Op registry: schemas, fakes, torch.compile, and explicit backend choice."""
+
+import pytest
+import torch
+
+import dspark_kernels as dk
+from dspark_kernels import BackendUnavailableError
+from dspark_kernels.ops import markov_draft as md_op
+from dspark_kernels.ops import philox_uniform as pu_op
+from dspark_kernels.ops import rejection_sample as rs_op
+
+
+def _markov_args(R=3, g=4, V=11, r=5, d=6):
+    torch.manual_seed(0)
+    return dict(
+        base_logits=torch.randn(R, g, V),
+        anchor=torch.tensor([1, 2, 3][:R]),
+        w1=torch.randn(V, r),
+        w2=torch.randn(V, r),
+        temperature=torch.tensor([1.0, 0.0, 0.5][:R]),
+        seed=torch.arange(R, dtype=torch.int64),
+        offset=torch.tensor(7, dtype=torch.int64),
+        hidden=torch.randn(R, g, d),
+        conf_weight=torch.randn(d + r),
+        conf_bias=torch.tensor(0.1),
+        sts_temperature=torch.full((g,), 1.3),
+        gate_weight=torch.randn(r, d + r),
+        gate_bias=torch.randn(r),
+        rnn_weight=None,
+        rnn_bias=None,
+        return_draft_probs=True,
+        return_draft_logits=True,
+    )
+
+
+def _rejection_args(R=3, g=4, V=11):
+    torch.manual_seed(1)
+    lengths = torch.tensor([4, 0, 2][:R], dtype=torch.int32)
+    cu = torch.zeros(R + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths + 1, 0)
+    return dict(
+        target_logits=torch.randn(int(cu[-1]) + 2, V),
+        draft_tokens=torch.randint(0, V, (R, g)),
+        draft_probs=torch.softmax(torch.randn(R, g, V), -1),
+        lengths=lengths,
+        cu_verify=cu,
+        temperature=torch.tensor([1.0, 0.0, 0.7][:R]),
+        seed=torch.arange(R, dtype=torch.int64) + 11,
+        offset=torch.tensor(3, dtype=torch.int64),
+        top_k=torch.tensor([3, 0, 5][:R]),
+        top_p=torch.tensor([0.9, 1.0, 0.8][:R]),
+        draft_token_probs=None,
+        draft_logits=None,
+        draft_temperature=None,
+    )
+
+
+CASES = {
+    "markov_draft": (torch.ops.dspark.markov_draft.default, lambda: tuple(_markov_args().values()) + ("",)),
+    "rejection_sample": (torch.ops.dspark.rejection_sample.default, lambda: tuple(_rejection_args().values()) + ("",)),
+    "philox_uniform": (
+        torch.ops.dspark.philox_uniform.default,
+        lambda: (torch.arange(3, dtype=torch.int64), torch.tensor(2), 1, 0, 9, ""),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_opcheck(name):
+    op, make_args = CASES[name]
+    torch.library.opcheck(op, make_args())
+
+
+def test_every_public_op_is_a_dspark_torch_op():
+    for name in ("markov_draft", "rejection_sample", "philox_uniform"):
+        assert hasattr(torch.ops.dspark, name)
+        assert callable(getattr(dk, name))
+
+
+def test_compile_fullgraph_markov_draft():
+    args = _markov_args()
+    eager = dk.markov_draft(**args)
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def f(**kw):
+        return dk.markov_draft(**kw)
+
+    compiled = f(**args)
+    for a, b in zip(eager, compiled):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_compile_fullgraph_rejection_sample_and_rng():
+    args = _rejection_args()
+    eager = dk.rejection_sample(**args)
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def f(kw, seed, offset):
+        tokens, n = dk.rejection_sample(**kw)
+        u = dk.philox_uniform(seed, offset, stream=2, n=5)
+        return tokens, n, u
+
+    tokens, n, u = f(args, args["seed"], args["offset"])
+    assert torch.equal(tokens, eager[0]) and torch.equal(n, eager[1])
+    assert torch.equal(u, dk.philox_uniform(args["seed"], args["offset"], stream=2, n=5))
+
+
+def test_unknown_backend_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dk.philox_uniform(torch.tensor([1]), torch.tensor(0), stream=1, n=4, backend="fast")
+
+
+def test_cuda_backend_on_cpu_names_the_problem():
+    with pytest.raises(BackendUnavailableError, match="cuda backend needs CUDA tensors"):
+        dk.philox_uniform(torch.tensor([1]), torch.tensor(0), stream=1, n=4, backend="cuda")
+
+
+def test_missing_kernel_names_the_op():
+    with pytest.raises(BackendUnavailableError, match="markov_draft has no Triton implementation"):
+        dk.markov_draft(**{**_markov_args(), "backend": "triton"})
+    with pytest.raises(BackendUnavailableError, match="rejection_sample has no CUDA"):
+        dk.rejection_sample(**{**_rejection_args(), "backend": "cuda"})
+
+
+def test_triton_on_cpu_requires_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in pu_op.BACKENDS.available("cpu")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        pu_op.BACKENDS.resolve("triton", "cpu")
+
+
+def test_auto_never_picks_missing_backends():
+    # On CPU, auto is the reference; on CUDA it is the fastest built one.
+    assert md_op.BACKENDS.resolve("auto", "cpu") == "reference"
+    assert rs_op.BACKENDS.resolve("auto", "cuda") in md_op.BACKENDS.available("cuda") + ["reference"]
+    chosen = pu_op.BACKENDS.resolve("auto", "cuda")
+    assert chosen in pu_op.BACKENDS.available("cuda")
+    if dk._backend.cuda_extension() is None:
+        assert chosen != "cuda"
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("DSPARK_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="backend='cuda'"):
+        dk.philox_uniform(torch.tensor([1]), torch.tensor(0), stream=1, n=4)
+    # the keyword wins over the environment
+    out = dk.philox_uniform(torch.tensor([1]), torch.tensor(0), stream=1, n=4, backend="reference")
+    assert out.shape == (1, 4)
+    monkeypatch.setenv("DSPARK_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dk.philox_uniform(torch.tensor([1]), torch.tensor(0), stream=1, n=4)
+
+
+def test_extension_absence_is_explained():
+    from dspark_kernels import _extension
+
+    if dk._backend.cuda_extension() is None:
+        assert _extension.why_missing() != "loaded"
+        assert "cuda" not in pu_op.BACKENDS.available("cuda")
+    else:
+        assert "cuda" in pu_op.BACKENDS.available("cuda")
+
+
+def test_debug_switch_round_trip():
+    before = dk.debug_enabled()
+    try:
+        dk.set_debug(True)
+        assert dk.debug_enabled()
+        dk.set_debug(False)
+        assert not dk.debug_enabled()
+    finally:
+        dk.set_debug(before)
