@@ -10,8 +10,10 @@ implementation with ``backend=`` or DSPARK_BACKEND: "auto", "reference",
 from ._backend import BACKENDS, BackendUnavailableError
 from ._validate import debug_enabled, set_debug
 from .ops.markov_draft import MarkovDraft, markov_draft
+from .ops.pack_verify import VerifyBatch, pack_verify
 from .ops.philox_uniform import philox_uniform
 from .ops.rejection_sample import rejection_sample
+from .ops.schedule_verify import Schedule, schedule_verify
 
 __version__ = "0.1.0"
 
@@ -19,9 +21,13 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "MarkovDraft",
+    "Schedule",
+    "VerifyBatch",
     "debug_enabled",
     "markov_draft",
+    "pack_verify",
     "philox_uniform",
     "rejection_sample",
+    "schedule_verify",
     "set_debug",
 ]
