@@ -10,7 +10,11 @@ from .. import _validate as V
 from .._backend import OpBackends
 from ..reference.rejection_sample import rejection_sample as _reference
 
-BACKENDS = OpBackends(name="rejection_sample", reference=_reference)
+BACKENDS = OpBackends(
+    name="rejection_sample",
+    reference=_reference,
+    triton="dspark_kernels.triton.rejection_sample:rejection_sample",
+)
 
 
 def _check(
@@ -92,8 +96,12 @@ def _check_values(
     if lo < 0 or hi > gamma:
         raise ValueError(f"lengths must lie in [0, {gamma}] (gamma = draft_tokens.shape[1]), got min {lo}, max {hi}")
     cu = cu_verify.to(torch.int64)
-    if int(cu[0]) != 0 or not torch.equal(cu[1:] - cu[:-1], lengths.to(torch.int64) + 1):
-        raise ValueError("cu_verify must be 0 followed by the running sum of lengths + 1 (anchor + drafts per request)")
+    rows = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or not bool(((rows == lengths.to(torch.int64) + 1) | (rows == 0)).all()):
+        raise ValueError(
+            "cu_verify must start at 0 and grow by lengths + 1 per request "
+            "(anchor + drafts), or by 0 for an inactive request"
+        )
     if int(cu[-1]) > num_rows:
         raise ValueError(f"target_logits has {num_rows} rows but cu_verify needs {int(cu[-1])}")
     pos = torch.arange(gamma, device=draft_tokens.device)
@@ -200,7 +208,8 @@ def rejection_sample(
         draft_probs: [R, γ, V] float, the exact distributions the drafts were
             sampled from, or None for one-hot drafts (or with draft_logits).
         lengths: [R] int32 in [0, γ], drafts to verify per request.
-        cu_verify: [R + 1] int32, cu_verify[r+1] - cu_verify[r] = lengths[r] + 1.
+        cu_verify: [R + 1] int32, cu_verify[r+1] - cu_verify[r] = lengths[r] + 1,
+            or 0 for an inactive request (which then emits nothing).
         temperature: [R] float, target temperature; 0 = greedy.
         seed: [R] int64 per-request Philox key. offset: [] int64 device tensor.
         top_k: [R] int, <= 0 or >= V disables. top_p: [R] float in (0, 1], 1 disables.

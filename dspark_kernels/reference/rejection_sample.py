@@ -10,7 +10,9 @@ the anchor and drafts 1..j, after temperature / top-k / top-p):
                           when that residual has no mass; greedy: argmax p_{j-1}
     all accepted:  emit the bonus y ~ p_l
 
-so every emitted token follows the target distribution exactly. Coins, residual
+so every emitted token follows the target distribution exactly. A request
+with no verify rows (cu_verify[r+1] == cu_verify[r], inactive in the
+schedule) emits nothing: its tokens are all -1 and num_accepted is 0. Coins, residual
 draws and bonus draws use the disjoint Philox streams ACCEPT (position j-1,
 index 0), RESIDUAL (position j-1) and BONUS (position l).
 
@@ -54,7 +56,7 @@ def rejection_sample(
     num_req, gamma = draft_tokens.shape
     tokens = torch.full((num_req, gamma + 1), -1, dtype=torch.int32, device=device)
     num_accepted = torch.zeros(num_req, dtype=torch.int32, device=device)
-    if num_req == 0:
+    if num_req == 0 or num_rows == 0:  # no verify rows at all: every request is inactive
         return tokens, num_accepted
 
     temperature = temperature.float()
@@ -97,7 +99,9 @@ def rejection_sample(
     p_final = p_target[req, n_acc]  # [R, V]
     rejected = n_acc < lengths
     j_rej = n_acc.clamp(max=max(gamma - 1, 0))
-    if draft_probs is not None:
+    if gamma == 0:  # nothing drafted, nothing rejected: only the bonus is drawn
+        q_rej = torch.zeros_like(p_final)
+    elif draft_probs is not None:
         q_rej = draft_probs[req, j_rej].float()
     elif draft_logits is not None:
         t_d = (draft_temperature if draft_temperature is not None else temperature).float()
@@ -112,6 +116,10 @@ def rejection_sample(
     y = torch.where(rejected, y_res, y_bonus)
     y = torch.where(greedy, p_final.argmax(dim=-1), y)
 
+    # Requests with no verify rows (inactive in the schedule) emit nothing.
+    live = (cu_verify[1:] - cu_verify[:-1]) > 0
+    n_acc = torch.where(live, n_acc, torch.zeros_like(n_acc))
+    y = torch.where(live, y, torch.full_like(y, -1))
     keep_draft = pos[None, :gamma] < n_acc[:, None]
     tokens[:, :gamma] = torch.where(keep_draft, drafts, -1).to(torch.int32)
     tokens.scatter_(1, n_acc[:, None], y[:, None].to(torch.int32))

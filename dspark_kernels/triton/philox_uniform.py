@@ -26,3 +26,10 @@ def philox_uniform(seed: torch.Tensor, offset: torch.Tensor, stream: int, positi
     grid = (rows, triton.cdiv(n, block))
     _philox_uniform_kernel[grid](seed.contiguous(), offset.reshape(1), out, n, position, STREAM=stream, BLOCK=block)
     return out
+
+
+def _compile_specs():
+    """(kernel, signature, constexprs) triples that tests compile for sm_90 ahead of time."""
+    sig = {"seed_ptr": "*i64", "offset_ptr": "*i64", "out_ptr": "*fp32", "n": "i64", "position": "i32",
+           "STREAM": "constexpr", "BLOCK": "constexpr"}
+    return [(_philox_uniform_kernel, sig, {"STREAM": 3, "BLOCK": 1024})]

@@ -20,17 +20,19 @@ def philox4x32(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def uniform(seed, offset, stream: tl.constexpr, position, index):
+def uniform(seed, offset, stream, position, index):
     """fp32 uniforms (2*(x>>9)+1) * 2**-24 for int64 seed/offset/position/index.
 
-    Arguments broadcast; ``stream`` is a compile-time constant so each call
-    site's stream is visible in the kernel source.
+    Arguments broadcast; ``stream`` may be a constant or a runtime value.
     """
-    seed = seed.to(tl.int64)
-    offset = offset.to(tl.int64)
-    index = index.to(tl.int64)
+    # Adding an int64 zero promotes plain ints (loop counters) and narrower ints alike.
+    zero = tl.zeros((), tl.int64)
+    seed = seed + zero
+    offset = offset + zero
+    index = index + zero
+    position = position + zero
     c0 = (index >> 2).to(tl.uint32)
-    c1 = ((position.to(tl.int64) & 0xFFFF) | (stream << 16)).to(tl.uint32)
+    c1 = ((position & 0xFFFF) | (stream * 65536)).to(tl.uint32)
     c2 = (offset & 0xFFFFFFFF).to(tl.uint32)
     c3 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
@@ -40,3 +42,9 @@ def uniform(seed, offset, stream: tl.constexpr, position, index):
     bits = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
     k = (bits >> 9).to(tl.int32)
     return (k * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+
+
+@triton.jit
+def gumbel(u):
+    """-log(-log(u)) in fp32: argmax(log w + gumbel) is an exact draw from w."""
+    return -tl.log(-tl.log(u))

@@ -1,0 +1,366 @@
+"""Triton chain rejection sampling, token-for-token the reference's algorithm.
+
+Two kernels, no host sync, grids from static shapes only:
+
+1. ``_row_stats_kernel``, one program per target row (all T rows in
+   parallel): z = logits / T (IEEE division, as torch), its max m, first
+   argmax, the exact top-k threshold (k-th largest z, by bisection over the
+   order-preserving integer image of fp32), the normaliser S over the kept
+   tokens, the exact top-p threshold (smallest p with strictly-greater mass
+   < top_p, by bisection) and the top-p renormaliser Z2. Then
+   p_t(i) = [z_i >= kth and p_i >= pthr] * exp(z_i - m) / S / Z2.
+2. ``_chain_kernel``, one program per request: walks the drafts reading one
+   target logit and one draft probability per draft (the acceptance test
+   needs nothing else), stops at the first rejection, then makes one pass over
+   the vocabulary of the final row for the residual or bonus Gumbel race.
+   Draft rows are read only where needed: the one-hot mode reads none, the
+   byte-minimal mode (draft_token_probs + draft_logits) reads one draft
+   logits row per rejected request.
+
+Uniforms and stream layout come from dspark_kernels.triton.rng, identical to
+the reference, so the same seed gives the same tokens up to fp32 rounding of
+the normalisers (which can only flip a near-tie).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import rng as _rng
+from . import rng
+
+# One tile of the vocabulary per loop iteration. 1024 fp32 lanes = 4 KB per
+# tile keeps registers modest for 4 warps and needs 149 tiles at V = 151936.
+BLOCK_V = 1024
+
+STREAM_ACCEPT = tl.constexpr(_rng.STREAM_ACCEPT)
+STREAM_RESIDUAL = tl.constexpr(_rng.STREAM_RESIDUAL)
+STREAM_BONUS = tl.constexpr(_rng.STREAM_BONUS)
+
+
+@triton.jit
+def _ordered_key(x):
+    """Monotone int32 image of fp32 (negative floats flipped)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_to_float(key):
+    """Inverse of _ordered_key; takes the key in int64 (bisection midpoints need 33 bits)."""
+    k32 = key.to(tl.int32)
+    return tl.where(k32 >= 0, k32, k32 ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _argmax_update(best, best_idx, scores, v0):
+    """Running first-index argmax over tiles starting at v0 (strict > keeps the earlier tile)."""
+    tile_best, tile_idx = tl.max(scores, 0, return_indices=True, return_indices_tie_break_left=True)
+    better = tile_best > best
+    return tl.where(better, tile_best, best), tl.where(better, v0 + tile_idx, best_idx)
+
+
+@triton.jit
+def _row_stats_kernel(
+    x_ptr, stride_x, vocab,
+    temp_ptr, topk_ptr, topp_ptr,
+    m_ptr, s_ptr, kth_ptr, pthr_ptr, z2_ptr, amax_ptr,
+    HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    base = x_ptr + row.to(tl.int64) * stride_x
+    t = tl.load(temp_ptr + row).to(tl.float32)
+    t = tl.where(t > 0, t, 1.0)
+    offs = tl.arange(0, BLOCK)
+
+    # Pass 1: max, first argmax (of z; same as of the raw logits since T > 0).
+    m = tl.full((), float("-inf"), tl.float32)
+    amax = tl.full((), 0, tl.int32)
+    for v0 in range(0, vocab, BLOCK):
+        idx = v0 + offs
+        z = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), t)
+        m, amax = _argmax_update(m, amax, z, v0)
+
+    # Top-k: the k-th largest z is the largest key t with count(z >= t) >= k.
+    kth = tl.full((), float("-inf"), tl.float32)
+    if HAS_TOPK:
+        k = tl.load(topk_ptr + row).to(tl.int64)
+        if (k > 0) & (k < vocab):
+            # Keys span up to 2**32 values: bisect in int64 so hi - lo + 1 cannot overflow.
+            lo = _ordered_key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
+            hi = _ordered_key(m).to(tl.int64)
+            for _ in range(32):
+                mid = lo + (hi - lo + 1) // 2
+                thr = _key_to_float(mid)
+                cnt = tl.full((), 0, tl.int64)
+                for v0 in range(0, vocab, BLOCK):
+                    idx = v0 + offs
+                    z = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), t)
+                    cnt += tl.sum(((z >= thr) & (idx < vocab)).to(tl.int64), 0)
+                ok = cnt >= k
+                active = lo < hi
+                lo = tl.where(active & ok, mid, lo)
+                hi = tl.where(active & ~ok, mid - 1, hi)
+            kth = _key_to_float(lo)
+
+    # Normaliser over the top-k survivors.
+    s = tl.full((), 0.0, tl.float32)
+    for v0 in range(0, vocab, BLOCK):
+        idx = v0 + offs
+        z = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), t)
+        s += tl.sum(tl.where((z >= kth) & (idx < vocab), tl.exp(z - m), 0.0), 0)
+
+    # Top-p: smallest threshold v with mass(p > v) < top_p; keep p >= v.
+    pthr = tl.full((), 0.0, tl.float32)
+    z2 = tl.full((), 1.0, tl.float32)
+    if HAS_TOPP:
+        top_p = tl.load(topp_ptr + row).to(tl.float32)
+        if top_p < 1.0:
+            lo = tl.full((), 0, tl.int32)
+            hi = tl.full((), 0x3F800000, tl.int32)  # key of 1.0: mass(p > 1) = 0 < top_p
+            for _ in range(31):
+                mid = (lo + hi) // 2
+                thr = mid.to(tl.float32, bitcast=True)
+                mass = tl.full((), 0.0, tl.float32)
+                for v0 in range(0, vocab, BLOCK):
+                    idx = v0 + offs
+                    z = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), t)
+                    p = tl.where((z >= kth) & (idx < vocab), tl.exp(z - m) / s, 0.0)
+                    mass += tl.sum(tl.where(p > thr, p, 0.0), 0)
+                below = mass < top_p
+                active = lo < hi
+                hi = tl.where(active & below, mid, hi)
+                lo = tl.where(active & ~below, mid + 1, lo)
+            pthr = lo.to(tl.float32, bitcast=True)
+        # The reference renormalises every row once top_p is given (1 included).
+        z2 = tl.full((), 0.0, tl.float32)
+        for v0 in range(0, vocab, BLOCK):
+            idx = v0 + offs
+            z = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), t)
+            p = tl.where((z >= kth) & (idx < vocab), tl.exp(z - m) / s, 0.0)
+            z2 += tl.sum(tl.where(p >= pthr, p, 0.0), 0)
+
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    tl.store(kth_ptr + row, kth)
+    tl.store(pthr_ptr + row, pthr)
+    tl.store(z2_ptr + row, z2)
+    tl.store(amax_ptr + row, amax.to(tl.int32))
+
+
+@triton.jit
+def _target_prob(z, m, s, kth, pthr, z2):
+    p = tl.exp(z - m) / s
+    keep = (z >= kth) & (p >= pthr)
+    return tl.where(keep, p / z2, 0.0)
+
+
+@triton.jit
+def _softmax_stats(base, vocab, t, valid, BLOCK: tl.constexpr):
+    """(max, normaliser, first argmax) of z = row / t over one row (no reads unless valid)."""
+    offs = tl.arange(0, BLOCK)
+    m = tl.full((), float("-inf"), tl.float32)
+    amax = tl.full((), 0, tl.int32)
+    for v0 in range(0, vocab, BLOCK):
+        idx = v0 + offs
+        z = tl.math.div_rn(tl.load(base + idx, mask=(idx < vocab) & valid, other=float("-inf")).to(tl.float32), t)
+        m, amax = _argmax_update(m, amax, z, v0)
+    s = tl.full((), 0.0, tl.float32)
+    for v0 in range(0, vocab, BLOCK):
+        idx = v0 + offs
+        z = tl.math.div_rn(tl.load(base + idx, mask=(idx < vocab) & valid, other=float("-inf")).to(tl.float32), t)
+        s += tl.sum(tl.where((idx < vocab) & valid, tl.exp(z - m), 0.0), 0)
+    return m, s, amax
+
+
+@triton.jit
+def _chain_kernel(
+    logits_ptr, stride_l, num_rows, vocab,
+    m_ptr, s_ptr, kth_ptr, pthr_ptr, z2_ptr, amax_ptr,
+    drafts_ptr, stride_dr, stride_dj,
+    dprobs_ptr, stride_pr, stride_pj,
+    dtp_ptr, stride_tr, stride_tj,
+    dlogits_ptr, stride_gr, stride_gj,
+    dtemp_ptr,
+    lengths_ptr, cu_ptr, temp_ptr, seed_ptr, offset_ptr,
+    tokens_ptr, stride_out, nacc_ptr,
+    gamma,
+    MODE: tl.constexpr,  # 0 one-hot drafts, 1 draft_probs, 2 draft_logits
+    HAS_DTP: tl.constexpr,  # draft_token_probs given (MODE 2)
+    BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0)
+    start = tl.load(cu_ptr + r).to(tl.int64)
+    nrows = tl.load(cu_ptr + r + 1).to(tl.int64) - start
+    # Inputs are trusted only as far as the value checks went: clamp every
+    # index so that inconsistent lengths/cu_verify can never read out of bounds.
+    live = (nrows > 0) & (start >= 0) & (start < num_rows)
+    length = tl.minimum(tl.maximum(tl.load(lengths_ptr + r).to(tl.int64), 0), gamma)
+    length = tl.where(live, tl.minimum(length, num_rows - 1 - start), 0)
+    temp = tl.load(temp_ptr + r).to(tl.float32)
+    greedy = temp <= 0
+    t = tl.where(greedy, 1.0, temp)
+    seed = tl.load(seed_ptr + r)
+    offset = tl.load(offset_ptr)
+    if MODE == 2:
+        td = tl.load(dtemp_ptr + r).to(tl.float32)
+        d_greedy = td <= 0
+        d_t = tl.where(d_greedy, 1.0, td)
+
+    n_acc = tl.full((), 0, tl.int64)
+    still = live
+    for j in range(0, length):
+        row = start + j
+        x = tl.load(drafts_ptr + r * stride_dr + j * stride_dj).to(tl.int64)
+        x = tl.minimum(tl.maximum(x, 0), vocab - 1)
+        z_x = tl.math.div_rn(tl.load(logits_ptr + row * stride_l + x).to(tl.float32), t)
+        p_t = _target_prob(z_x, tl.load(m_ptr + row), tl.load(s_ptr + row), tl.load(kth_ptr + row),
+                           tl.load(pthr_ptr + row), tl.load(z2_ptr + row))
+        if MODE == 0:
+            p_d = 1.0
+        elif MODE == 1:
+            p_d = tl.load(dprobs_ptr + r * stride_pr + j * stride_pj + x).to(tl.float32)
+        else:
+            if HAS_DTP:
+                p_d = tl.load(dtp_ptr + r * stride_tr + j * stride_tj).to(tl.float32)
+            else:
+                dbase = dlogits_ptr + r * stride_gr + j * stride_gj
+                dm, ds, damax = _softmax_stats(dbase, vocab, d_t, True, BLOCK)
+                dz = tl.math.div_rn(tl.load(dbase + x).to(tl.float32), d_t)
+                p_d = tl.where(d_greedy, tl.where(damax == x, 1.0, 0.0), tl.exp(dz - dm) / ds)
+        coin = rng.uniform(seed, offset, STREAM_ACCEPT, j, 0)
+        amax_row = tl.load(amax_ptr + row).to(tl.int64)
+        accept = tl.where(greedy, amax_row == x, coin * p_d < p_t)
+        still = still & accept
+        n_acc += still.to(tl.int64)
+
+    # One more token at local position n_acc of the final row.
+    row = tl.where(live, start + n_acc, 0)
+    rejected = n_acc < length
+    m = tl.load(m_ptr + row, mask=live, other=0.0)
+    s = tl.load(s_ptr + row, mask=live, other=1.0)
+    kth = tl.load(kth_ptr + row, mask=live, other=0.0)
+    pthr = tl.load(pthr_ptr + row, mask=live, other=0.0)
+    z2 = tl.load(z2_ptr + row, mask=live, other=1.0)
+    stream = tl.where(rejected, STREAM_RESIDUAL, STREAM_BONUS)
+    j_rej = tl.maximum(tl.minimum(n_acc, gamma - 1), 0)
+    x_rej = tl.load(drafts_ptr + r * stride_dr + j_rej * stride_dj, mask=rejected, other=0).to(tl.int64)
+    if MODE == 2:
+        dbase = dlogits_ptr + r * stride_gr + j_rej * stride_gj
+        dm, ds, damax = _softmax_stats(dbase, vocab, d_t, rejected, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    best_w = tl.full((), float("-inf"), tl.float32)
+    arg_w = tl.full((), 0, tl.int32)
+    best_p = tl.full((), float("-inf"), tl.float32)
+    arg_p = tl.full((), 0, tl.int32)
+    mass_w = tl.full((), 0.0, tl.float32)
+    if ~greedy & live:
+        for v0 in range(0, vocab, BLOCK):
+            idx = v0 + offs
+            inside = idx < vocab
+            z = tl.math.div_rn(tl.load(logits_ptr + row * stride_l + idx, mask=inside, other=float("-inf")).to(tl.float32), t)
+            p = tl.where(inside, _target_prob(z, m, s, kth, pthr, z2), 0.0)
+            if MODE == 0:
+                q = tl.where(idx == x_rej, 1.0, 0.0)
+            elif MODE == 1:
+                q = tl.load(dprobs_ptr + r * stride_pr + j_rej * stride_pj + idx, mask=inside & rejected, other=0.0).to(tl.float32)
+            else:
+                dz = tl.math.div_rn(tl.load(dbase + idx, mask=inside & rejected, other=float("-inf")).to(tl.float32), d_t)
+                q = tl.where(d_greedy, tl.where(idx == damax, 1.0, 0.0), tl.exp(dz - dm) / ds)
+            q = tl.where(rejected, q, 0.0)
+            w = tl.maximum(p - q, 0.0)
+            mass_w += tl.sum(w, 0)
+            g = rng.gumbel(rng.uniform(seed, offset, stream, n_acc, idx))
+            score_w = tl.where(inside, tl.log(w) + g, float("-inf"))
+            score_p = tl.where(inside, tl.log(p) + g, float("-inf"))
+            best_w, arg_w = _argmax_update(best_w, arg_w, score_w, v0)
+            best_p, arg_p = _argmax_update(best_p, arg_p, score_p, v0)
+    # Without residual mass the reference falls back to p_t (same stream).
+    y = tl.where(mass_w > 0, arg_w, arg_p).to(tl.int64)
+    y = tl.where(greedy, tl.load(amax_ptr + row, mask=live, other=0).to(tl.int64), y)
+    y = tl.where(live, y, -1)
+
+    out = tokens_ptr + r * stride_out
+    for j in range(0, gamma + 1):
+        d = tl.load(drafts_ptr + r * stride_dr + j * stride_dj, mask=j < n_acc, other=-1)
+        val = tl.where(j < n_acc, d.to(tl.int64), tl.where(j == n_acc, y, -1))
+        tl.store(out + j, val.to(tl.int32))
+    tl.store(nacc_ptr + r, n_acc.to(tl.int32))
+
+
+def rejection_sample(
+    target_logits, draft_tokens, draft_probs, lengths, cu_verify, temperature, seed, offset,
+    top_k, top_p, draft_token_probs, draft_logits, draft_temperature,
+):
+    device = target_logits.device
+    num_rows, vocab = target_logits.shape
+    num_req, gamma = draft_tokens.shape
+    tokens = torch.empty((num_req, gamma + 1), dtype=torch.int32, device=device)
+    num_accepted = torch.empty((num_req,), dtype=torch.int32, device=device)
+    if num_req == 0:
+        return tokens, num_accepted
+    logits = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
+
+    # Per-row sampling parameters: row t belongs to the request whose block holds it
+    # (rows past cu_verify[R] borrow the last request's; their stats are never read).
+    cu = cu_verify.to(torch.int64)
+    row_req = torch.searchsorted(cu[1:].contiguous(), torch.arange(num_rows, device=device), right=True)
+    row_req = row_req.clamp(max=num_req - 1)
+    temp_row = temperature.float()[row_req].contiguous()
+    topk_row = top_k.to(torch.int64)[row_req].contiguous() if top_k is not None else temp_row
+    topp_row = top_p.float()[row_req].contiguous() if top_p is not None else temp_row
+    f32 = dict(dtype=torch.float32, device=device)
+    stats = [torch.empty(num_rows, **f32) for _ in range(5)]
+    amax = torch.empty(num_rows, dtype=torch.int32, device=device)
+    if num_rows:
+        _row_stats_kernel[(num_rows,)](
+            logits, logits.stride(0), vocab, temp_row, topk_row, topp_row, *stats, amax,
+            HAS_TOPK=top_k is not None, HAS_TOPP=top_p is not None, BLOCK=BLOCK_V,
+        )
+
+    dummy = torch.zeros((1, 1, 1), **f32)
+    mode = 1 if draft_probs is not None else (2 if draft_logits is not None else 0)
+    dprobs = draft_probs if draft_probs is not None else dummy
+    dlogits = draft_logits if draft_logits is not None else dummy
+    if dprobs.stride(-1) != 1:
+        dprobs = dprobs.contiguous()
+    if dlogits.stride(-1) != 1:
+        dlogits = dlogits.contiguous()
+    dtp = draft_token_probs if draft_token_probs is not None else dummy[0]
+    dtemp = (draft_temperature if draft_temperature is not None else temperature).float().contiguous()
+    _chain_kernel[(num_req,)](
+        logits, logits.stride(0), num_rows, vocab, *stats, amax,
+        draft_tokens, draft_tokens.stride(0), draft_tokens.stride(1),
+        dprobs, dprobs.stride(0), dprobs.stride(1),
+        dtp, dtp.stride(0), dtp.stride(1),
+        dlogits, dlogits.stride(0), dlogits.stride(1),
+        dtemp, lengths.contiguous(), cu_verify.contiguous(), temperature.float().contiguous(),
+        seed.contiguous(), offset.reshape(1), tokens, tokens.stride(0), num_accepted, gamma,
+        MODE=mode, HAS_DTP=draft_token_probs is not None, BLOCK=BLOCK_V,
+    )
+    return tokens, num_accepted
+
+
+
+def _compile_specs():
+    """(kernel, signature, constexprs) triples that tests compile for sm_90 ahead of time."""
+    stats = {"x_ptr": "*bf16", "stride_x": "i64", "vocab": "i32", "temp_ptr": "*fp32", "topk_ptr": "*i64",
+             "topp_ptr": "*fp32", "m_ptr": "*fp32", "s_ptr": "*fp32", "kth_ptr": "*fp32", "pthr_ptr": "*fp32",
+             "z2_ptr": "*fp32", "amax_ptr": "*i32", "HAS_TOPK": "constexpr", "HAS_TOPP": "constexpr",
+             "BLOCK": "constexpr"}
+    chain = {"logits_ptr": "*bf16", "stride_l": "i64", "num_rows": "i32", "vocab": "i32",
+             "m_ptr": "*fp32", "s_ptr": "*fp32", "kth_ptr": "*fp32", "pthr_ptr": "*fp32", "z2_ptr": "*fp32",
+             "amax_ptr": "*i32", "drafts_ptr": "*i64", "stride_dr": "i64", "stride_dj": "i64",
+             "dprobs_ptr": "*fp32", "stride_pr": "i64", "stride_pj": "i64",
+             "dtp_ptr": "*fp32", "stride_tr": "i64", "stride_tj": "i64",
+             "dlogits_ptr": "*fp32", "stride_gr": "i64", "stride_gj": "i64", "dtemp_ptr": "*fp32",
+             "lengths_ptr": "*i32", "cu_ptr": "*i32", "temp_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64",
+             "tokens_ptr": "*i32", "stride_out": "i64", "nacc_ptr": "*i32", "gamma": "i32",
+             "MODE": "constexpr", "HAS_DTP": "constexpr", "BLOCK": "constexpr"}
+    specs = []
+    for topk in (False, True):
+        for topp in (False, True):
+            specs.append((_row_stats_kernel, stats, {"HAS_TOPK": topk, "HAS_TOPP": topp, "BLOCK": BLOCK_V}))
+    for mode, dtp in ((0, False), (1, False), (2, False), (2, True)):
+        specs.append((_chain_kernel, chain, {"MODE": mode, "HAS_DTP": dtp, "BLOCK": BLOCK_V}))
+    return specs
