@@ -11,7 +11,11 @@ from .. import rng
 from .._backend import OpBackends
 from ..reference.markov_draft import markov_draft as _reference
 
-BACKENDS = OpBackends(name="markov_draft", reference=_reference)
+BACKENDS = OpBackends(
+    name="markov_draft",
+    reference=_reference,
+    triton="dspark_kernels.triton.markov_draft:markov_draft",
+)
 
 
 class MarkovDraft(NamedTuple):

@@ -1,0 +1,267 @@
+"""Triton Markov-head block drafting, token-for-token the reference's algorithm.
+
+Per draft step k (the steps are sequential: x_k feeds step k+1):
+
+1. the head input e_k [R, r] (vanilla / gated / RNN) and the confidence c_k
+   are O(R·r·d) torch ops in the launcher, the same ops as the reference;
+2. ``_step_tile_kernel``, grid (vocab tiles, request tiles): z = U_k + e_k·W2ᵀ
+   for a [BLOCK_R, BLOCK_V] tile with tl.dot at IEEE fp32 precision (TF32 would
+   move z by ~1e-3 and change tokens versus the fp32 reference), so W2 is read
+   once per step for the whole batch; per request and tile it writes the Gumbel
+   race winner (z/T + G, stream DRAFT, position k), the softmax partials
+   (max and sum of exp(z/T - max)) and the greedy argmax of z;
+3. ``_step_reduce_kernel``, one program per request: combines the partials
+   (first index wins ties, like torch.argmax) into x_k and p_d(x_k).
+
+Optional draft_logits / draft_probs outputs are written by the tile kernel
+(z) and normalised by ``_probs_kernel`` once all steps are done.
+No host sync anywhere; grids depend on shapes only.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import rng as _rng
+from . import rng
+
+STREAM_DRAFT = tl.constexpr(_rng.STREAM_DRAFT)
+
+# 16 requests x 128 vocab ids per tile: tl.dot needs >= 16 on each side, and
+# 128 fp32 columns x 64-wide K chunks keeps the W2 tile at 32 KB in registers.
+BLOCK_R = 16
+BLOCK_V = 128
+BLOCK_K = 64
+
+
+@triton.jit
+def _step_tile_kernel(
+    u_ptr, stride_ur, stride_uv,  # U[:, k] view: [R, V]
+    e_ptr, stride_er,  # e_k [R, r] fp32
+    w2_ptr, stride_w2v, stride_w2k,  # W2 [V, r]
+    temp_ptr, seed_ptr, offset_ptr,
+    part_score_ptr, part_arg_ptr, part_zbest_ptr, part_max_ptr, part_sum_ptr, part_gmax_ptr, part_garg_ptr,
+    logits_ptr, stride_lr, stride_lv,  # draft_logits[:, k] view (when STORE_LOGITS)
+    num_req, vocab, rank, step, num_tiles,
+    STORE_LOGITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tile_v = tl.program_id(0)
+    tile_r = tl.program_id(1)
+    rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < num_req
+    col_ok = cols < vocab
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_R, BLOCK_V), tl.float32)
+    for k0 in range(0, rank, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < rank
+        e = tl.load(e_ptr + rows64[:, None] * stride_er + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w2_ptr + cols64[None, :] * stride_w2v + ks[:, None] * stride_w2k,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(e, w, acc, input_precision="ieee")
+    ok = row_ok[:, None] & col_ok[None, :]
+    u = tl.load(u_ptr + rows64[:, None] * stride_ur + cols64[None, :] * stride_uv, mask=ok, other=0.0).to(tl.float32)
+    z = tl.where(ok, u + acc, float("-inf"))
+    if STORE_LOGITS:
+        tl.store(logits_ptr + rows64[:, None] * stride_lr + cols64[None, :] * stride_lv, z, mask=ok)
+
+    temp = tl.load(temp_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
+    t = tl.where(temp > 0, temp, 1.0)
+    zt = tl.math.div_rn(z, t[:, None])
+    seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)
+    offset = tl.load(offset_ptr)
+    g = rng.gumbel(rng.uniform(seed[:, None], offset, STREAM_DRAFT, step, cols64[None, :]))
+    score = tl.where(ok, zt + g, float("-inf"))
+    best, best_i = tl.max(score, 1, return_indices=True, return_indices_tie_break_left=True)
+    z_best = tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == best_i[:, None], z, 0.0), 1)
+    m = tl.max(zt, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    ssum = tl.sum(tl.where(ok, tl.exp(zt - m_safe[:, None]), 0.0), 1)
+    gmax, g_i = tl.max(z, 1, return_indices=True, return_indices_tie_break_left=True)
+
+    out = rows64 * num_tiles + tile_v
+    tl.store(part_score_ptr + out, best, mask=row_ok)
+    tl.store(part_arg_ptr + out, (tile_v * BLOCK_V + best_i).to(tl.int32), mask=row_ok)
+    tl.store(part_zbest_ptr + out, z_best, mask=row_ok)
+    tl.store(part_max_ptr + out, m, mask=row_ok)
+    tl.store(part_sum_ptr + out, ssum, mask=row_ok)
+    tl.store(part_gmax_ptr + out, gmax, mask=row_ok)
+    tl.store(part_garg_ptr + out, (tile_v * BLOCK_V + g_i).to(tl.int32), mask=row_ok)
+
+
+@triton.jit
+def _step_reduce_kernel(
+    part_score_ptr, part_arg_ptr, part_zbest_ptr, part_max_ptr, part_sum_ptr, part_gmax_ptr, part_garg_ptr,
+    temp_ptr, tokens_ptr, stride_tr, probs_ptr, stride_pr, step, num_tiles,
+    BLOCK_T: tl.constexpr,
+):
+    r = tl.program_id(0)
+    temp = tl.load(temp_ptr + r).to(tl.float32)
+    greedy = temp <= 0
+    t = tl.where(greedy, 1.0, temp)
+    base = r.to(tl.int64) * num_tiles
+    best = tl.full((), float("-inf"), tl.float32)
+    best_arg = tl.full((), 0, tl.int32)
+    z_best = tl.full((), 0.0, tl.float32)
+    gbest = tl.full((), float("-inf"), tl.float32)
+    garg = tl.full((), 0, tl.int32)
+    m = tl.full((), float("-inf"), tl.float32)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        idx = t0 + tl.arange(0, BLOCK_T)
+        ok = idx < num_tiles
+        sc = tl.load(part_score_ptr + base + idx, mask=ok, other=float("-inf"))
+        tile_best, i = tl.max(sc, 0, return_indices=True, return_indices_tie_break_left=True)
+        # Tiles are in vocab order, so a strict > keeps the first index on ties.
+        better = tile_best > best
+        sel = tl.arange(0, BLOCK_T) == i
+        best_arg = tl.where(better, tl.sum(tl.where(sel, tl.load(part_arg_ptr + base + idx, mask=ok, other=0), 0), 0), best_arg)
+        z_best = tl.where(better, tl.sum(tl.where(sel, tl.load(part_zbest_ptr + base + idx, mask=ok, other=0.0), 0.0), 0), z_best)
+        best = tl.where(better, tile_best, best)
+        gm = tl.load(part_gmax_ptr + base + idx, mask=ok, other=float("-inf"))
+        tile_g, gi = tl.max(gm, 0, return_indices=True, return_indices_tie_break_left=True)
+        gsel = tl.arange(0, BLOCK_T) == gi
+        gbetter = tile_g > gbest
+        garg = tl.where(gbetter, tl.sum(tl.where(gsel, tl.load(part_garg_ptr + base + idx, mask=ok, other=0), 0), 0), garg)
+        gbest = tl.where(gbetter, tile_g, gbest)
+        m = tl.maximum(m, tl.max(tl.load(part_max_ptr + base + idx, mask=ok, other=float("-inf")), 0))
+    s = tl.full((), 0.0, tl.float32)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        idx = t0 + tl.arange(0, BLOCK_T)
+        ok = idx < num_tiles
+        pm = tl.load(part_max_ptr + base + idx, mask=ok, other=float("-inf"))
+        ps = tl.load(part_sum_ptr + base + idx, mask=ok, other=0.0)
+        s += tl.sum(tl.where(ok & (pm > float("-inf")), ps * tl.exp(pm - m), 0.0), 0)
+    p_x = tl.exp(tl.math.div_rn(z_best, t) - m) / s
+    token = tl.where(greedy, garg, best_arg)
+    tl.store(tokens_ptr + r * stride_tr + step, token)
+    tl.store(probs_ptr + r * stride_pr + step, tl.where(greedy, 1.0, p_x))
+
+
+@triton.jit
+def _probs_kernel(logits_ptr, probs_ptr, temp_ptr, tokens_ptr, gamma, vocab, BLOCK: tl.constexpr):
+    """draft_probs[r, k] = softmax(z / T) from the stored z (one-hot at x_k for greedy rows)."""
+    row = tl.program_id(0)  # r * gamma + k
+    r = row // gamma
+    temp = tl.load(temp_ptr + r).to(tl.float32)
+    greedy = temp <= 0
+    t = tl.where(greedy, 1.0, temp)
+    x = tl.load(tokens_ptr + row)
+    base = row.to(tl.int64) * vocab
+    offs = tl.arange(0, BLOCK)
+    m = tl.full((), float("-inf"), tl.float32)
+    for v0 in range(0, vocab, BLOCK):
+        idx = v0 + offs
+        z = tl.load(logits_ptr + base + idx, mask=idx < vocab, other=float("-inf"))
+        m = tl.maximum(m, tl.max(tl.math.div_rn(z, t), 0))
+    s = tl.full((), 0.0, tl.float32)
+    for v0 in range(0, vocab, BLOCK):
+        idx = v0 + offs
+        z = tl.load(logits_ptr + base + idx, mask=idx < vocab, other=float("-inf"))
+        s += tl.sum(tl.where(idx < vocab, tl.exp(tl.math.div_rn(z, t) - m), 0.0), 0)
+    for v0 in range(0, vocab, BLOCK):
+        idx = v0 + offs
+        z = tl.load(logits_ptr + base + idx, mask=idx < vocab, other=float("-inf"))
+        p = tl.exp(tl.math.div_rn(z, t) - m) / s
+        p = tl.where(greedy, tl.where(idx == x, 1.0, 0.0), p)
+        tl.store(probs_ptr + base + idx, p, mask=idx < vocab)
+
+
+def _head_input(k, prev, w1, hidden, gate_weight, gate_bias, rnn_weight, rnn_bias, state):
+    """e_k [R, r] fp32 and the RNN state, with the reference's torch ops."""
+    emb = w1[prev].float()
+    if gate_weight is not None:
+        x = torch.cat([hidden[:, k].float(), emb], dim=-1) @ gate_weight.float().T
+        if gate_bias is not None:
+            x = x + gate_bias.float()
+        return torch.sigmoid(x) * emb, state, emb
+    if rnn_weight is not None:
+        x = torch.cat([emb, state], dim=-1) @ rnn_weight.float().T
+        if rnn_bias is not None:
+            x = x + rnn_bias.float()
+        state = torch.tanh(x)
+        return state, state, emb
+    return emb, state, emb
+
+
+def markov_draft(
+    base_logits, anchor, w1, w2, temperature, seed, offset, hidden, conf_weight, conf_bias, sts_temperature,
+    gate_weight, gate_bias, rnn_weight, rnn_bias, return_draft_probs, return_draft_logits,
+):
+    num_req, gamma, vocab = base_logits.shape
+    rank = w1.shape[1]
+    device = base_logits.device
+    f32 = dict(dtype=torch.float32, device=device)
+    tokens = torch.empty((num_req, gamma), dtype=torch.int32, device=device)
+    token_probs = torch.empty((num_req, gamma), **f32)
+    with_conf = conf_weight is not None
+    confidence = torch.empty((num_req, gamma), **f32) if with_conf else torch.empty(0, **f32)
+    # z is needed after the loop for draft_probs even when draft_logits was not asked for.
+    keep_z = return_draft_logits or return_draft_probs
+    draft_logits = torch.empty((num_req, gamma, vocab), **f32) if keep_z else torch.empty((1, 1, 1), **f32)
+    draft_probs = torch.empty((num_req, gamma, vocab), **f32) if return_draft_probs else torch.empty(0, **f32)
+    if num_req == 0 or gamma == 0:
+        survival = torch.cumprod(confidence, dim=1) if with_conf else torch.empty(0, **f32)
+        return tokens, token_probs, confidence, survival, draft_probs, draft_logits if return_draft_logits else torch.empty(0, **f32)
+
+    temp = temperature.float().contiguous()
+    seed = seed.contiguous()
+    offset = offset.reshape(1)
+    num_tiles = triton.cdiv(vocab, BLOCK_V)
+    parts = [torch.empty((num_req, num_tiles), **f32) for _ in range(7)]
+    parts[1] = torch.empty((num_req, num_tiles), dtype=torch.int32, device=device)
+    parts[6] = torch.empty((num_req, num_tiles), dtype=torch.int32, device=device)
+    grid = (num_tiles, triton.cdiv(num_req, BLOCK_R))
+    block_t = min(1024, triton.next_power_of_2(num_tiles))
+
+    prev = anchor.to(torch.int64)
+    state = torch.zeros((num_req, rank), **f32) if rnn_weight is not None else None
+    for k in range(gamma):
+        e, state, emb = _head_input(k, prev, w1, hidden, gate_weight, gate_bias, rnn_weight, rnn_bias, state)
+        e = e.contiguous()
+        if with_conf:
+            logit_c = torch.cat([hidden[:, k].float(), emb], dim=-1) @ conf_weight.float()
+            if conf_bias is not None:
+                logit_c = logit_c + conf_bias.float().reshape(())
+            if sts_temperature is not None:
+                logit_c = logit_c / sts_temperature[k].float()
+            confidence[:, k] = torch.sigmoid(logit_c)
+        u = base_logits[:, k]
+        zk = draft_logits[:, k] if keep_z else draft_logits[:, 0]
+        _step_tile_kernel[grid](
+            u, u.stride(0), u.stride(1), e, e.stride(0), w2, w2.stride(0), w2.stride(1),
+            temp, seed, offset, *parts, zk, zk.stride(0), zk.stride(1),
+            num_req, vocab, rank, k, num_tiles,
+            STORE_LOGITS=keep_z, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
+        )
+        _step_reduce_kernel[(num_req,)](
+            *parts, temp, tokens, tokens.stride(0), token_probs, token_probs.stride(0), k, num_tiles, BLOCK_T=block_t,
+        )
+        prev = tokens[:, k].to(torch.int64)
+    if return_draft_probs:
+        _probs_kernel[(num_req * gamma,)](draft_logits, draft_probs, temp, tokens, gamma, vocab, BLOCK=1024)
+    survival = torch.cumprod(confidence, dim=1) if with_conf else torch.empty(0, **f32)
+    return tokens, token_probs, confidence, survival, draft_probs, draft_logits if return_draft_logits else torch.empty(0, **f32)
+
+
+def _compile_specs():
+    """(kernel, signature, constexprs) triples that tests compile for sm_90 ahead of time."""
+    tile = {"u_ptr": "*bf16", "stride_ur": "i64", "stride_uv": "i64", "e_ptr": "*fp32", "stride_er": "i64",
+            "w2_ptr": "*bf16", "stride_w2v": "i64", "stride_w2k": "i64", "temp_ptr": "*fp32", "seed_ptr": "*i64",
+            "offset_ptr": "*i64", "part_score_ptr": "*fp32", "part_arg_ptr": "*i32", "part_zbest_ptr": "*fp32",
+            "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_gmax_ptr": "*fp32", "part_garg_ptr": "*i32",
+            "logits_ptr": "*fp32", "stride_lr": "i64", "stride_lv": "i64", "num_req": "i32", "vocab": "i32",
+            "rank": "i32", "step": "i32", "num_tiles": "i32", "STORE_LOGITS": "constexpr", "BLOCK_R": "constexpr",
+            "BLOCK_V": "constexpr", "BLOCK_K": "constexpr"}
+    reduce = {"part_score_ptr": "*fp32", "part_arg_ptr": "*i32", "part_zbest_ptr": "*fp32", "part_max_ptr": "*fp32",
+              "part_sum_ptr": "*fp32", "part_gmax_ptr": "*fp32", "part_garg_ptr": "*i32", "temp_ptr": "*fp32",
+              "tokens_ptr": "*i32", "stride_tr": "i64", "probs_ptr": "*fp32", "stride_pr": "i64", "step": "i32",
+              "num_tiles": "i32", "BLOCK_T": "constexpr"}
+    probs = {"logits_ptr": "*fp32", "probs_ptr": "*fp32", "temp_ptr": "*fp32", "tokens_ptr": "*i32", "gamma": "i32",
+             "vocab": "i32", "BLOCK": "constexpr"}
+    return [
+        (_step_tile_kernel, tile, {"STORE_LOGITS": s, "BLOCK_R": BLOCK_R, "BLOCK_V": BLOCK_V, "BLOCK_K": BLOCK_K})
+        for s in (False, True)
+    ] + [(_step_reduce_kernel, reduce, {"BLOCK_T": 1024}), (_probs_kernel, probs, {"BLOCK": 1024})]
