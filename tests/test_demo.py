@@ -8,9 +8,10 @@ from dspark_kernels import demo
 
 
 def test_demo_runs_and_passes(capsys):
-    assert demo.main(["--rounds", "60", "--requests", "32"]) == 0
+    assert demo.main(["--rounds", "60", "--sched-rounds", "20", "--requests", "32"]) == 0
     out = capsys.readouterr().out
     assert "Markov head on" in out and "Markov head off" in out
+    assert "heavy  async" in out
     assert "FAIL" not in out
 
 
@@ -18,9 +19,27 @@ def test_markov_head_raises_acceptance():
     target = demo.SyntheticTarget(vocab=48, rank=16, temperature=1.0, seed=0)
     kw = dict(rounds=60, requests=32, gamma=5, vocab=48, rank=16, temperature=1.0, seed=0,
               backend="reference", target=target)
-    on, _ = demo.run(markov_head=True, **kw)
-    off, _ = demo.run(markov_head=False, **kw)
+    on = demo.run(markov_head=True, **kw)[0]
+    off = demo.run(markov_head=False, **kw)[0]
     assert sum(on) / len(on) > sum(off) / len(off) + 0.1
+
+
+def test_scheduler_trades_verify_tokens_for_throughput_under_heavy_load():
+    target = demo.SyntheticTarget(vocab=48, rank=16, temperature=1.0, seed=0)
+    kw = dict(rounds=40, requests=32, gamma=5, vocab=48, rank=16, temperature=1.0, seed=0,
+              markov_head=True, backend="reference", target=target, load="heavy")
+
+    def throughput(policy):
+        accepted, counts, verified, times = demo.run(policy=policy, **kw)
+        assert demo.transition_test(counts, target.probs)[2] > 1e-4
+        rate = sum((a + 1) / t for a, t in zip(accepted, times)) / len(times)
+        return sum(verified) / len(verified), rate
+
+    fixed_tokens, fixed_rate = throughput("fixed")
+    for policy in ("causal", "async"):
+        tokens, rate = throughput(policy)
+        assert tokens < 0.6 * fixed_tokens  # the heavy curve makes long verifies unprofitable
+        assert rate > 1.15 * fixed_rate
 
 
 def test_transition_check_rejects_a_wrong_chain():
