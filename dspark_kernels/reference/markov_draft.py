@@ -10,7 +10,7 @@ block is sampled sequentially, x_0 being the anchor:
     e_k      = s_k                                           RNN head
     z_k      = U_k + W2·e_k                                  draft logits [V]
     x_k      ~ softmax(z_k / T)      (Gumbel-max on stream DRAFT, position k)
-               argmax z_k when T == 0
+               argmax z_k when T < 1e-5 (e.g. 0)
     p_d(x_k) = softmax(z_k / T)[x_k]  (1 for greedy rows)
     c_k      = σ((w·[h_k; W1[x_{k-1}]] + b) / τ_k)           confidence, τ = STS temps
     a_k      = Π_{i<=k} c_i                                  survival
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import rng
-from .sampling import greedy_onehot, gumbel_sample_logits
+from .sampling import GREEDY_TEMPERATURE, greedy_onehot, gumbel_sample_logits
 
 
 def markov_draft(
@@ -52,7 +52,7 @@ def markov_draft(
     w1 = w1.float()
     w2 = w2.float()
     temperature = temperature.float()
-    greedy = temperature <= 0
+    greedy = temperature < GREEDY_TEMPERATURE
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
 
     tokens = torch.empty((num_req, gamma), dtype=torch.int32, device=device)

@@ -5,7 +5,7 @@ target rows p_0..p_l (row cu_verify[r] + j is the target's distribution after
 the anchor and drafts 1..j, after temperature / top-k / top-p):
 
     for j = 1..l:  accept x_j iff u_j * q_j(x_j) < p_{j-1}(x_j)   (prob min(1, p/q))
-                   (greedy rows, T == 0: iff x_j == argmax p_{j-1})
+                   (greedy rows, T < 1e-5: iff x_j == argmax p_{j-1})
     first rejection at j: emit y ~ norm(max(0, p_{j-1} - q_j)), or p_{j-1}
                           when that residual has no mass; greedy: argmax p_{j-1}
     all accepted:  emit the bonus y ~ p_l
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .. import rng
-from .sampling import filtered_probs, gumbel_sample
+from .sampling import GREEDY_TEMPERATURE, filtered_probs, gumbel_sample
 
 
 def _draft_dist(draft_logits: torch.Tensor, draft_temperature: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def rejection_sample(
     temperature = temperature.float()
     lengths = lengths.to(torch.int64).clamp(0, gamma)
     starts = cu_verify[:-1].to(torch.int64)
-    greedy = temperature <= 0
+    greedy = temperature < GREEDY_TEMPERATURE
     req = torch.arange(num_req, device=device)
     pos = torch.arange(gamma + 1, device=device)
 

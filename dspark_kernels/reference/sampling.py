@@ -2,12 +2,12 @@
 
 The formulas here are the contract the Triton and CUDA kernels reproduce:
 
-- target distribution of a row: z = logits / T (T > 0); top-k keeps every
+- target distribution of a row: z = logits / T (T >= 1e-5); top-k keeps every
   token whose z is >= the k-th largest z (ties at the boundary are kept;
   k <= 0 or k >= V disables it); then top-p keeps token i iff the mass of the
   tokens strictly more probable than i is < top_p (ties are kept together;
-  top_p >= 1 disables it); the kept probabilities are renormalised. T == 0
-  means greedy: a one-hot at the first index of the largest logit.
+  top_p >= 1 disables it); the kept probabilities are renormalised. T < 1e-5
+  (GREEDY_TEMPERATURE; e.g. 0) means greedy: a one-hot at the first index of the largest logit.
 - an exact draw from weights w >= 0 is argmax_i(log w_i + G_i) with
   G_i = -log(-log u_i) and u_i the counter-based uniform of vocab id i
   (Gumbel-max); w_i == 0 gives -inf and can never win, and neither can a
@@ -19,6 +19,12 @@ from __future__ import annotations
 import torch
 
 from .. import rng
+
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS convention). Below
+# about 1e-30 the division z / T overflows fp32 to inf and ties every lane; at
+# 1e-5 a softmax is already one-hot in fp32 unless two logits agree to within
+# 1e-5 * 88 ~ 1e-3, so treating the whole range as greedy costs nothing real.
+GREEDY_TEMPERATURE = 1e-5
 
 
 def greedy_onehot(logits: torch.Tensor) -> torch.Tensor:
@@ -42,7 +48,7 @@ def filtered_probs(
     """
     logits = logits.float()
     n, vocab = logits.shape
-    greedy = temperature <= 0
+    greedy = temperature.float() < GREEDY_TEMPERATURE
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
     z = logits / safe_t[:, None]
     if top_k is not None and vocab:
@@ -99,7 +105,7 @@ def gumbel_sample_logits(
     """
     n, vocab = logits.shape
     logits = logits.float()
-    greedy = temperature <= 0
+    greedy = temperature.float() < GREEDY_TEMPERATURE
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
     index = torch.arange(vocab, dtype=torch.int64, device=logits.device)
     position = torch.as_tensor(position, dtype=torch.int64, device=logits.device).expand(n)

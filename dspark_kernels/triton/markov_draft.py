@@ -24,6 +24,10 @@ import triton.language as tl
 
 from .. import rng as _rng
 from . import rng
+from ..reference.sampling import GREEDY_TEMPERATURE as _GREEDY_T
+
+# Rows below this temperature are greedy (see reference/sampling.py).
+GREEDY_TEMPERATURE = tl.constexpr(_GREEDY_T)
 
 STREAM_DRAFT = tl.constexpr(_rng.STREAM_DRAFT)
 
@@ -69,7 +73,7 @@ def _step_tile_kernel(
         tl.store(logits_ptr + rows64[:, None] * stride_lr + cols64[None, :] * stride_lv, z, mask=ok)
 
     temp = tl.load(temp_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
-    t = tl.where(temp > 0, temp, 1.0)
+    t = tl.where(temp >= GREEDY_TEMPERATURE, temp, 1.0)
     zt = tl.math.div_rn(z, t[:, None])
     seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)
     offset = tl.load(offset_ptr)
@@ -100,7 +104,7 @@ def _step_reduce_kernel(
 ):
     r = tl.program_id(0)
     temp = tl.load(temp_ptr + r).to(tl.float32)
-    greedy = temp <= 0
+    greedy = temp < GREEDY_TEMPERATURE
     t = tl.where(greedy, 1.0, temp)
     base = r.to(tl.int64) * num_tiles
     best = tl.full((), float("-inf"), tl.float32)
@@ -146,7 +150,7 @@ def _probs_kernel(logits_ptr, probs_ptr, temp_ptr, tokens_ptr, gamma, vocab, BLO
     row = tl.program_id(0)  # r * gamma + k
     r = row // gamma
     temp = tl.load(temp_ptr + r).to(tl.float32)
-    greedy = temp <= 0
+    greedy = temp < GREEDY_TEMPERATURE
     t = tl.where(greedy, 1.0, temp)
     x = tl.load(tokens_ptr + row)
     base = row.to(tl.int64) * vocab

@@ -28,6 +28,10 @@ import triton.language as tl
 
 from .. import rng as _rng
 from . import rng
+from ..reference.sampling import GREEDY_TEMPERATURE as _GREEDY_T
+
+# Rows below this temperature are greedy (see reference/sampling.py).
+GREEDY_TEMPERATURE = tl.constexpr(_GREEDY_T)
 
 # One tile of the vocabulary per loop iteration. 1024 fp32 lanes = 4 KB per
 # tile keeps registers modest for 4 warps and needs 149 tiles at V = 151936.
@@ -70,7 +74,7 @@ def _row_stats_kernel(
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride_x
     t = tl.load(temp_ptr + row).to(tl.float32)
-    t = tl.where(t > 0, t, 1.0)
+    t = tl.where(t >= GREEDY_TEMPERATURE, t, 1.0)
     offs = tl.arange(0, BLOCK)
 
     # Pass 1: max, first argmax (of z; same as of the raw logits since T > 0).
@@ -198,13 +202,13 @@ def _chain_kernel(
     length = tl.minimum(tl.maximum(tl.load(lengths_ptr + r).to(tl.int64), 0), gamma)
     length = tl.where(live, tl.minimum(length, num_rows - 1 - start), 0)
     temp = tl.load(temp_ptr + r).to(tl.float32)
-    greedy = temp <= 0
+    greedy = temp < GREEDY_TEMPERATURE
     t = tl.where(greedy, 1.0, temp)
     seed = tl.load(seed_ptr + r)
     offset = tl.load(offset_ptr)
     if MODE == 2:
         td = tl.load(dtemp_ptr + r).to(tl.float32)
-        d_greedy = td <= 0
+        d_greedy = td < GREEDY_TEMPERATURE
         d_t = tl.where(d_greedy, 1.0, td)
 
     n_acc = tl.full((), 0, tl.int64)
