@@ -118,10 +118,15 @@ def test_cuda_backend_on_cpu_names_the_problem():
 
 
 def test_missing_kernel_names_the_op():
-    with pytest.raises(BackendUnavailableError, match="markov_draft has no CUDA"):
-        dk.markov_draft(**{**_markov_args(), "backend": "cuda"})
-    with pytest.raises(BackendUnavailableError, match="rejection_sample has no CUDA"):
-        dk.rejection_sample(**{**_rejection_args(), "backend": "cuda"})
+    from dspark_kernels.ops import pack_verify as pv_op
+
+    assert pv_op.BACKENDS.triton is None and pv_op.BACKENDS.cuda is None
+    args = (torch.tensor([1]), torch.tensor([[2]]), torch.tensor([1]), torch.tensor([0, 2], dtype=torch.int32),
+            torch.tensor([0]))
+    with pytest.raises(BackendUnavailableError, match="pack_verify has no Triton implementation"):
+        dk.pack_verify(*args, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="pack_verify has no CUDA"):
+        dk.pack_verify(*args, backend="cuda")
 
 
 def test_triton_on_cpu_requires_interpreter(monkeypatch):
@@ -135,9 +140,21 @@ def test_auto_never_picks_missing_backends():
     # auto = the first of cuda, triton, reference that is present; reference only on CPU.
     for mod in (md_op, rs_op, pu_op):
         assert mod.BACKENDS.resolve("auto", "cpu") == "reference"
-        present = mod.BACKENDS.available("cuda")
+        present = [b for b in mod.BACKENDS.available("cuda") if b not in mod.BACKENDS.not_auto]
         expected = next(b for b in ("cuda", "triton", "reference") if b in present)
         assert mod.BACKENDS.resolve("auto", "cuda") == expected
+
+
+def test_auto_skips_backends_not_yet_verified_on_gpu():
+    from dspark_kernels._backend import OpBackends
+
+    fake = OpBackends(name="fake", reference=lambda: "ref", triton="m:f", not_auto=("triton",))
+    assert fake.resolve("auto", "cuda") == "reference"
+    assert "triton" in fake.available("cuda")  # still callable explicitly
+    assert fake.resolve("triton", "cuda") == "triton"
+    # Compile-only CUDA kernels are never auto-picked until a GPU run verifies them.
+    for mod in (md_op, rs_op, pu_op):
+        assert "cuda" in mod.BACKENDS.not_auto and mod.BACKENDS.resolve("auto", "cuda") != "cuda"
     if dk._backend.cuda_extension() is None:
         assert pu_op.BACKENDS.resolve("auto", "cuda") != "cuda"
 

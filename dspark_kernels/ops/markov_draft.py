@@ -15,6 +15,18 @@ BACKENDS = OpBackends(
     name="markov_draft",
     reference=_reference,
     triton="dspark_kernels.triton.markov_draft:markov_draft",
+    cuda="markov_draft_cuda",
+    # csrc/markov_draft.cu compiles in CI but has not run on a GPU yet: explicit backend="cuda" only.
+    not_auto=("cuda",),
+)
+
+torch.library.define(
+    "dspark::markov_draft_cuda",
+    "(Tensor base_logits, Tensor anchor, Tensor w1, Tensor w2, Tensor temperature, Tensor seed, "
+    "Tensor offset, Tensor? hidden, Tensor? conf_weight, Tensor? conf_bias, "
+    "Tensor? sts_temperature, Tensor? gate_weight, Tensor? gate_bias, Tensor? rnn_weight, "
+    "Tensor? rnn_bias, bool return_draft_probs, bool return_draft_logits) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 
 
@@ -99,12 +111,23 @@ def _check(base_logits, anchor, w1, w2, temperature, seed, offset, hidden, conf_
     )
 
 
-def _check_values(base_logits, anchor, temperature, sts_temperature):
-    """Checks that read values: always on CPU, on CUDA only in debug mode."""
+def _check_values(base_logits, anchor, temperature, sts_temperature, **weights):
+    """Checks that read values: always on CPU, on CUDA only in debug mode.
+
+    A NaN weight would make the backends disagree (NaN compares differently in
+    each argmax), and a (request, step) row whose logits are all -inf has no
+    distribution to sample: both are rejected here rather than sampled.
+    """
     V.ids_in_range("anchor", anchor, base_logits.shape[2])
     V.not_nan("base_logits", base_logits)
-    if base_logits.numel() and V.value_checks(base_logits) and bool(torch.isposinf(base_logits).any()):
-        raise ValueError("base_logits contains +Inf")
+    if base_logits.numel() and V.value_checks(base_logits):
+        if bool(torch.isposinf(base_logits).any()):
+            raise ValueError("base_logits contains +Inf")
+        if bool((base_logits.amax(dim=-1) == float("-inf")).any()):
+            raise ValueError("base_logits has a (request, step) row with no finite logit")
+    for name, w in weights.items():
+        if w is not None:
+            V.finite(name, w)
     V.finite("temperature", temperature)
     if temperature.numel() and V.value_checks(temperature) and bool((temperature < 0).any()):
         raise ValueError("temperature must be >= 0 (0 means greedy)")
@@ -137,7 +160,9 @@ def _op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     weights = (hidden, conf_weight, conf_bias, sts_temperature, gate_weight, gate_bias, rnn_weight, rnn_bias)
     _check(base_logits, anchor, w1, w2, temperature, seed, offset, *weights)
-    _check_values(base_logits, anchor, temperature, sts_temperature)
+    _check_values(base_logits, anchor, temperature, sts_temperature, w1=w1, w2=w2, hidden=hidden,
+                  conf_weight=conf_weight, conf_bias=conf_bias, gate_weight=gate_weight, gate_bias=gate_bias,
+                  rnn_weight=rnn_weight, rnn_bias=rnn_bias)
     return BACKENDS.run(
         backend, base_logits.device.type, base_logits, anchor, w1, w2, temperature, seed,
         offset.reshape(()), *weights, return_draft_probs, return_draft_logits,
@@ -190,7 +215,7 @@ def markov_draft(
     Math (x_0 = anchor, k = 1..γ): e_k = W1[x_{k-1}] (vanilla), or
     σ(Wg·[h_k; W1[x_{k-1}]] + bg) ⊙ W1[x_{k-1}] (gated, gate_weight given), or
     s_k = tanh(Wr·[W1[x_{k-1}]; s_{k-1}] + br) with s_0 = 0 (RNN, rnn_weight
-    given); z_k = U_k + W2·e_k; x_k ~ softmax(z_k / T) (argmax when T = 0);
+    given); z_k = U_k + W2·e_k; x_k ~ softmax(z_k / T) (argmax when T < 1e-5, e.g. 0);
     p_d(x_k) = softmax(z_k / T)[x_k]; c_k = σ((w·[h_k; W1[x_{k-1}]] + b) / τ_k);
     a_k = Π_{i<=k} c_i. Sampling is exact (Gumbel-max on the DRAFT Philox
     stream, position k-1), so the same seed and offset give the same tokens.
@@ -199,7 +224,7 @@ def markov_draft(
         base_logits: U [R, γ, V] bf16/fp16/fp32 from the parallel backbone.
         anchor: [R] int32/int64 token ids x_0 in [0, V).
         w1: [V, r] embedding table. w2: [V, r] nn.Linear(r, V).weight.
-        temperature: [R] float; 0 = greedy. seed: [R] int64. offset: [] int64.
+        temperature: [R] float; T < 1e-5 (e.g. 0) = greedy. seed: [R] int64. offset: [] int64.
         hidden: [R, γ, d] backbone hidden states (confidence and gated heads).
         conf_weight: [d + r], conf_bias: [] or [1]: confidence head.
         sts_temperature: [γ] > 0, per-position calibration temperatures.

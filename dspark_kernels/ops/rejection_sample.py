@@ -14,6 +14,17 @@ BACKENDS = OpBackends(
     name="rejection_sample",
     reference=_reference,
     triton="dspark_kernels.triton.rejection_sample:rejection_sample",
+    cuda="rejection_sample_cuda",
+    # csrc/rejection_sample.cu compiles in CI but has not run on a GPU yet: explicit backend="cuda" only.
+    not_auto=("cuda",),
+)
+
+torch.library.define(
+    "dspark::rejection_sample_cuda",
+    "(Tensor target_logits, Tensor draft_tokens, Tensor? draft_probs, Tensor lengths, "
+    "Tensor cu_verify, Tensor temperature, Tensor seed, Tensor offset, Tensor? top_k, "
+    "Tensor? top_p, Tensor? draft_token_probs, Tensor? draft_logits, "
+    "Tensor? draft_temperature) -> (Tensor, Tensor)",
 )
 
 
@@ -155,8 +166,9 @@ def _op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (target_logits, draft_tokens, draft_probs, lengths, cu_verify, temperature, seed,
-            offset.reshape(()), top_k, top_p, draft_token_probs, draft_logits, draft_temperature)
+            offset, top_k, top_p, draft_token_probs, draft_logits, draft_temperature)
     _check(*args)
+    args = args[:7] + (offset.reshape(()),) + args[8:]
     _check_values(*args)
     return BACKENDS.run(backend, target_logits.device.type, *args)
 
@@ -210,7 +222,7 @@ def rejection_sample(
         lengths: [R] int32 in [0, γ], drafts to verify per request.
         cu_verify: [R + 1] int32, cu_verify[r+1] - cu_verify[r] = lengths[r] + 1,
             or 0 for an inactive request (which then emits nothing).
-        temperature: [R] float, target temperature; 0 = greedy.
+        temperature: [R] float, target temperature; T < 1e-5 (e.g. 0) = greedy.
         seed: [R] int64 per-request Philox key. offset: [] int64 device tensor.
         top_k: [R] int, <= 0 or >= V disables. top_p: [R] float in (0, 1], 1 disables.
         draft_token_probs: [R, γ] float, p_d of each draft (byte-minimal mode,
@@ -223,6 +235,10 @@ def rejection_sample(
         tokens [R, γ + 1] int32 (accepted drafts, then the residual/bonus token,
         then -1), num_accepted [R] int32.
     """
+    # Metadata only (no device reads): a wrong type is reported by name here
+    # instead of as a schema cast error from the dispatcher.
+    _check(target_logits, draft_tokens, draft_probs, lengths, cu_verify, temperature, seed, offset,
+           top_k, top_p, draft_token_probs, draft_logits, draft_temperature)
     return torch.ops.dspark.rejection_sample(
         target_logits, draft_tokens, draft_probs, lengths, cu_verify, temperature, seed, offset,
         top_k, top_p, draft_token_probs, draft_logits, draft_temperature, backend or "",

@@ -1,0 +1,340 @@
+// rejection_sample: chain verification (Leviathan et al. 2023; Chen et al.
+// 2023), the CUDA twin of dspark_kernels/triton/rejection_sample.py: same
+// formulas, same tie-breaks (first index), same Philox streams, positions and
+// indices, so the same seed gives the same tokens as the reference up to fp32
+// rounding of the normalisers (which can only flip a near-tie).
+//
+// STATUS: compile-checked in CI (DSPARK_COMPILE_ONLY, sm_90a) and its per-
+// element math is run on the host by tests/test_cuda_host_math.py; the kernels
+// themselves run only on a GPU machine and have NOT been run yet.
+//
+// Two kernels, no host sync, grids from static shapes only:
+//
+// 1. rs_row_stats_kernel, one block per target row: z = logit / T (IEEE
+//    division), its max m and first argmax, the exact top-k threshold kth
+//    (k-th largest z, by bisection over the ordered int image of fp32 in int64
+//    arithmetic), the normaliser s over the top-k survivors, the exact top-p
+//    threshold pthr (smallest p with strictly-greater mass < top_p, bisection
+//    over the bits [0, bits(1.0)]) and the top-p renormaliser z2 (computed
+//    whenever top_p is given, like the reference). Then
+//    p_t(i) = [z_i >= kth and p_i >= pthr] * exp(z_i - m) / s / z2.
+// 2. rs_chain_kernel, one block per request: every thread walks the drafts
+//    with the same scalar (broadcast) loads, stopping at the first rejection
+//    (the draft-logits mode without draft_token_probs needs the whole block
+//    for the softmax of each draft row, hence a block-wide walk), then the
+//    block makes one pass over the final row for the residual (stream
+//    RESIDUAL) or bonus (stream BONUS) Gumbel race at position n_acc.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "philox.cuh"
+#include "rejection_sample.h"
+#include "sampling.cuh"
+
+namespace dspark {
+namespace {
+
+// 512 threads: ~300 elements per thread per pass at V = 151936.
+constexpr int kRowThreads = 512;
+constexpr int kChainThreads = 512;
+
+template <typename TL>
+__device__ __forceinline__ float scaled(const TL* row, int64_t i, float t) {
+  return scaled_logit(load_float(row + i), t);
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 1: per-row statistics of the target distribution.
+// ---------------------------------------------------------------------------
+template <typename TL>
+__global__ void __launch_bounds__(kRowThreads) rs_row_stats_kernel(const RejectionSampleArgs a) {
+  const int64_t row = blockIdx.x;
+  const int64_t vocab = a.vocab;
+  const int64_t num_rows = a.num_rows;
+  float* out_m = a.row_stats;
+  float* out_s = a.row_stats + num_rows;
+  float* out_kth = a.row_stats + 2 * num_rows;
+  float* out_pthr = a.row_stats + 3 * num_rows;
+  float* out_z2 = a.row_stats + 4 * num_rows;
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+
+  auto store = [&](const RowStats& st) {
+    if (tid == 0) {
+      out_m[row] = st.m;
+      out_s[row] = st.s;
+      out_kth[row] = st.kth;
+      out_pthr[row] = st.pthr;
+      out_z2[row] = st.z2;
+      a.row_argmax[row] = st.amax;
+    }
+  };
+
+  // Rows past cu_verify[R] are padding of a static batch: never sampled from.
+  if (row >= a.cu_verify[a.num_req]) {
+    store(padding_row_stats());
+    return;
+  }
+  const int64_t req = request_of_row(a.cu_verify, a.num_req, row);
+  const float temp = a.temperature[req];
+  const bool greedy = is_greedy(temp);
+  const float t = safe_temperature(temp);
+  const TL* x = static_cast<const TL*>(a.target_logits) + row * a.stride_logits;
+
+  // Pass 1: max and first argmax of z (of the raw logits too, since T > 0).
+  ArgMax best = argmax_init();
+  for (int64_t i = tid; i < vocab; i += nthreads) {
+    best = argmax_combine(best, ArgMax{scaled(x, i, t), static_cast<int32_t>(i)});
+  }
+  best = block_argmax(best);
+  RowStats st;
+  st.m = best.v;
+  st.amax = argmax_index(best.i, 0);
+  st.kth = neg_inf();
+  st.pthr = 0.f;
+  st.z2 = 1.f;
+
+  // Greedy rows only need the argmax (the chain kernel reads nothing else),
+  // so they skip the bisections; the values stored for them are unused.
+  // Top-k: the k-th largest z is the largest key t with count(z >= t) >= k.
+  if (!greedy && a.top_k != nullptr) {
+    const int64_t k = a.top_k[req];
+    if (topk_active(k, vocab)) {
+      TopKSearch search = topk_search_init(st.m);
+      for (int it = 0; it < kTopKIters && topk_search_active(search); ++it) {
+        const int64_t mid = topk_search_mid(search);
+        const float thr = key_to_float(mid);
+        long long cnt = 0;
+        for (int64_t i = tid; i < vocab; i += nthreads) cnt += scaled(x, i, t) >= thr ? 1 : 0;
+        cnt = block_sum(cnt);
+        topk_search_update(search, mid, cnt, k);
+      }
+      st.kth = topk_search_result(search);
+    }
+  }
+
+  // Normaliser over the top-k survivors.
+  float s = 0.f;
+  for (int64_t i = tid; i < vocab; i += nthreads) s += topk_weight(scaled(x, i, t), st.m, st.kth);
+  st.s = block_sum(s);
+
+  // Top-p: smallest threshold v with mass(p > v) < top_p; keep p >= v.
+  if (!greedy && a.top_p != nullptr) {
+    const float top_p = a.top_p[req];
+    if (topp_active(top_p)) {
+      TopPSearch search = topp_search_init();
+      for (int it = 0; it < kTopPIters && topp_search_active(search); ++it) {
+        const int32_t mid = topp_search_mid(search);
+        const float thr = bits_as_float(mid);
+        float mass = 0.f;
+        for (int64_t i = tid; i < vocab; i += nthreads) {
+          const float p = topk_prob(scaled(x, i, t), st.m, st.s, st.kth);
+          mass += p > thr ? p : 0.f;
+        }
+        mass = block_sum(mass);
+        topp_search_update(search, mid, mass, top_p);
+      }
+      st.pthr = topp_search_result(search);
+    }
+    // The reference renormalises every row once top_p is given (1 included).
+    float z2 = 0.f;
+    for (int64_t i = tid; i < vocab; i += nthreads) {
+      const float p = topk_prob(scaled(x, i, t), st.m, st.s, st.kth);
+      z2 += p >= st.pthr ? p : 0.f;
+    }
+    st.z2 = block_sum(z2);
+  }
+  store(st);
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 2: the chain, one block per request.
+// ---------------------------------------------------------------------------
+
+// (max, normaliser, first argmax) of dz = row / t over one draft row (block-wide).
+template <typename TD>
+__device__ SoftmaxStats draft_softmax_stats(const TD* row, int64_t vocab, float t) {
+  ArgMax best = argmax_init();
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+    best = argmax_combine(best, ArgMax{scaled(row, i, t), static_cast<int32_t>(i)});
+  }
+  best = block_argmax(best);
+  float s = 0.f;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) s += exp_f(scaled(row, i, t) - best.v);
+  s = block_sum(s);
+  return SoftmaxStats{best.v, s, argmax_index(best.i, 0)};
+}
+
+__device__ __forceinline__ RowStats load_row_stats(const RejectionSampleArgs& a, int64_t row) {
+  const float* rs = a.row_stats;
+  const int64_t n = a.num_rows;
+  return RowStats{rs[row], rs[n + row], rs[2 * n + row], rs[3 * n + row], rs[4 * n + row],
+                  a.row_argmax[row]};
+}
+
+template <typename TL, typename TD>
+__global__ void __launch_bounds__(kChainThreads) rs_chain_kernel(const RejectionSampleArgs a) {
+  const int64_t r = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int64_t vocab = a.vocab;
+  const int64_t gamma = a.gamma;
+  int32_t* out = a.tokens + r * a.stride_out;
+
+  // Inputs are trusted only as far as the value checks went: clamp every
+  // index so that inconsistent lengths/cu_verify never read out of bounds.
+  const int64_t start = a.cu_verify[r];
+  const bool live = request_live(start, a.cu_verify[r + 1], a.num_rows);
+  if (!live) {  // inactive request: emits nothing
+    for (int64_t j = tid; j <= gamma; j += nthreads) out[j] = -1;
+    if (tid == 0) a.num_accepted[r] = 0;
+    return;
+  }
+  const int64_t length = verify_length(a.lengths[r], gamma, start, a.num_rows, live);
+  const float temp = a.temperature[r];
+  const bool greedy = is_greedy(temp);
+  const float t = safe_temperature(temp);
+  const uint64_t seed = static_cast<uint64_t>(a.seed[r]);
+  const uint64_t offset = static_cast<uint64_t>(*a.offset);
+  const int mode = a.draft_probs != nullptr ? 1 : (a.draft_logits != nullptr ? 2 : 0);
+  const TL* logits = static_cast<const TL*>(a.target_logits);
+  const TD* dprobs = static_cast<const TD*>(a.draft_probs);
+  const TD* dlogits = static_cast<const TD*>(a.draft_logits);
+  bool d_greedy = false;
+  float d_t = 1.f;
+  if (mode == 2) {
+    const float td = a.draft_temperature[r];
+    d_greedy = is_greedy(td);
+    d_t = safe_temperature(td);
+  }
+  auto draft_at = [&](int64_t j) {
+    return clamp_i64(a.draft_tokens[r * a.stride_dr + j * a.stride_dj], 0, vocab - 1);
+  };
+
+  // Walk the drafts (all threads alike) until the first rejection.
+  int64_t n_acc = 0;
+  for (int64_t j = 0; j < length; ++j) {
+    const int64_t row = start + j;
+    const int64_t x = draft_at(j);
+    const RowStats st = load_row_stats(a, row);
+    const float p_t = target_prob(scaled(logits + row * a.stride_logits, x, t), st);
+    float p_d = 1.f;  // greedy rows compare with the argmax and never read p_d
+    if (!greedy && mode == 1) {
+      p_d = load_float(dprobs + r * a.stride_pr + j * a.stride_pj + x);
+    } else if (!greedy && mode == 2) {
+      if (a.draft_token_probs != nullptr) {
+        p_d = a.draft_token_probs[r * a.stride_tr + j * a.stride_tj];
+      } else {
+        const TD* drow = dlogits + r * a.stride_gr + j * a.stride_gj;
+        const SoftmaxStats ds = draft_softmax_stats(drow, vocab, d_t);
+        p_d = draft_q(scaled(drow, x, d_t), x, d_greedy, ds);
+      }
+    }
+    const float coin = uniform(seed, offset, kStreamAccept, static_cast<uint32_t>(j), 0);
+    if (!accept_draft(greedy, st.amax, x, coin, p_d, p_t)) break;
+    ++n_acc;
+  }
+
+  // One more token at local position n_acc of the final row
+  // (n_acc <= length <= num_rows - 1 - start, so the row exists).
+  const int64_t row = start + n_acc;
+  const bool rejected = n_acc < length;
+  const RowStats st = load_row_stats(a, row);
+  int32_t y = st.amax;  // greedy rows emit the argmax
+  if (!greedy) {
+    const uint32_t stream = rejected ? kStreamResidual : kStreamBonus;
+    const uint32_t position = static_cast<uint32_t>(n_acc);
+    const int64_t j_rej = rejected ? n_acc : 0;  // n_acc < length <= γ when rejected
+    const int64_t x_rej = rejected ? draft_at(j_rej) : -1;
+    const TD* qrow = nullptr;
+    SoftmaxStats ds{0.f, 1.f, 0};
+    if (rejected && mode == 1) qrow = dprobs + r * a.stride_pr + j_rej * a.stride_pj;
+    if (rejected && mode == 2) {
+      qrow = dlogits + r * a.stride_gr + j_rej * a.stride_gj;
+      ds = draft_softmax_stats(qrow, vocab, d_t);
+    }
+    const TL* x = logits + row * a.stride_logits;
+    ArgMax best_w = argmax_init();
+    ArgMax best_p = argmax_init();
+    float mass_w = 0.f;
+    // One Philox call gives the uniforms of four consecutive vocab ids.
+    const int64_t groups = (vocab + 3) / 4;
+    for (int64_t g4 = tid; g4 < groups; g4 += nthreads) {
+      const Philox4 bits = philox_block(seed, offset, stream, position, static_cast<uint32_t>(g4));
+#pragma unroll
+      for (int lane = 0; lane < 4; ++lane) {
+        const int64_t idx = g4 * 4 + lane;
+        if (idx >= vocab) break;
+        const float p = target_prob(scaled(x, idx, t), st);
+        float q = 0.f;
+        if (rejected) {
+          if (mode == 0) {
+            q = idx == x_rej ? 1.f : 0.f;
+          } else if (mode == 1) {
+            q = load_float(qrow + idx);
+          } else {
+            q = draft_q(scaled(qrow, idx, d_t), idx, d_greedy, ds);
+          }
+        }
+        const float w = residual_weight(p, q);
+        mass_w += w;
+        const float g = gumbel(bits_to_uniform(philox_lane(bits, lane)));
+        const int32_t id = static_cast<int32_t>(idx);
+        best_w = argmax_combine(best_w, ArgMax{race_score(w, g), id});
+        best_p = argmax_combine(best_p, ArgMax{race_score(p, g), id});
+      }
+    }
+    mass_w = block_sum(mass_w);
+    best_w = block_argmax(best_w);
+    best_p = block_argmax(best_p);
+    // Without residual mass the reference falls back to p_t (same stream).
+    y = mass_w > 0.f ? argmax_index(best_w.i, 0) : argmax_index(best_p.i, 0);
+  }
+
+  for (int64_t j = tid; j <= gamma; j += nthreads) {
+    out[j] = j < n_acc ? static_cast<int32_t>(draft_at(j)) : (j == n_acc ? y : -1);
+  }
+  if (tid == 0) a.num_accepted[r] = static_cast<int32_t>(n_acc);
+}
+
+template <typename F>
+cudaError_t dispatch_float(FloatType t, F&& f) {
+  switch (t) {
+    case FloatType::kFloat32:
+      return f(float{});
+    case FloatType::kFloat16:
+      return f(__half{});
+    case FloatType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t rejection_sample_launch(const RejectionSampleArgs& args, cudaStream_t stream) {
+  if (args.num_req <= 0) return cudaSuccess;
+  if (args.vocab < 1 || args.vocab >= (int64_t{1} << 31) || args.gamma < 0 ||
+      args.gamma >= 65535 || args.num_rows < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (args.num_req >= (int64_t{1} << 31) || args.num_rows >= (int64_t{1} << 31)) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch_float(args.target_dtype, [&](auto target_tag) -> cudaError_t {
+    using TL = decltype(target_tag);
+    if (args.num_rows > 0) {
+      rs_row_stats_kernel<TL><<<static_cast<unsigned>(args.num_rows), kRowThreads, 0, stream>>>(args);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    return dispatch_float(args.draft_dtype, [&](auto draft_tag) -> cudaError_t {
+      using TD = decltype(draft_tag);
+      rs_chain_kernel<TL, TD><<<static_cast<unsigned>(args.num_req), kChainThreads, 0, stream>>>(args);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace dspark
