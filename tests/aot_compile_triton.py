@@ -2,7 +2,7 @@
 
 Run as a script (TRITON_INTERPRET must be unset, or @triton.jit would build
 interpreted functions). Each module of dspark_kernels.triton that defines
-_compile_specs() lists (kernel, signature, constexprs) triples; this compiles
+_compile_specs() lists (kernel, signature, constexprs[, options]) tuples; this compiles
 each to a cubin with the ptxas that ships with triton. Prints one line per
 kernel and exits non-zero on the first failure.
 """
@@ -29,8 +29,9 @@ def main() -> int:
         specs = getattr(module, "_compile_specs", None)
         if specs is None:
             continue
-        for kernel, signature, constexprs in specs():
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+        for kernel, signature, constexprs, *options in specs():
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
+                                      options=options[0] if options else None)
             size = len(compiled.asm["cubin"])
             print(f"{info.name}.{kernel.fn.__name__} {constexprs}: cubin {size} bytes")
             count += 1

@@ -10,7 +10,20 @@ from .. import _validate as V
 from .._backend import OpBackends
 from ..reference.schedule_verify import schedule_verify as _reference
 
-BACKENDS = OpBackends(name="schedule_verify", reference=_reference)
+BACKENDS = OpBackends(
+    name="schedule_verify",
+    reference=_reference,
+    triton="dspark_kernels.triton.schedule_verify:schedule_verify",
+    cuda="schedule_verify_cuda",
+    # csrc/schedule_verify.cu compiles in CI but has not run on a GPU yet: explicit backend="cuda" only.
+    not_auto=("cuda",),
+)
+
+torch.library.define(
+    "dspark::schedule_verify_cuda",
+    "(Tensor survival, Tensor sps, str mode, Tensor? history, Tensor? max_len, Tensor? active)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+)
 MODES = ("causal", "async")
 
 

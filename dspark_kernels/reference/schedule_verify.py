@@ -83,4 +83,6 @@ def schedule_verify(
     cu_verify = torch.zeros(num_req + 1, dtype=torch.int32, device=device)
     cu_verify[1:] = torch.cumsum(rows, 0)
     total = cu_verify[-1].clone()
-    return lengths, cu_verify, total, tau[admitted].to(torch.float32)
+    # gather, not tau[admitted]: indexing with a 0-d device tensor reads it on the host.
+    expected = tau.gather(0, admitted.reshape(1)).reshape(()).to(torch.float32)
+    return lengths, cu_verify, total, expected
