@@ -240,19 +240,6 @@ __global__ void __launch_bounds__(kProbsThreads) markov_probs_kernel(const float
   }
 }
 
-template <typename F>
-cudaError_t dispatch_float(FloatType t, F&& f) {
-  switch (t) {
-    case FloatType::kFloat32:
-      return f(float{});
-    case FloatType::kFloat16:
-      return f(__half{});
-    case FloatType::kBFloat16:
-      return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t markov_step_launch(const MarkovStepArgs& args, cudaStream_t stream) {

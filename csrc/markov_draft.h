@@ -5,14 +5,10 @@
 
 #include <cstdint>
 
+#include "float_type.h"
+
 namespace dspark {
 
-// Element type of a floating-point input. Identical definition in
-// rejection_sample.h; the guard lets both headers be included together.
-#ifndef DSPARK_FLOAT_TYPE_DEFINED
-#define DSPARK_FLOAT_TYPE_DEFINED
-enum class FloatType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-#endif
 
 // Tile of the z = U_k + e_k·W2ᵀ product: kMarkovTileR requests x kMarkovTileV
 // vocab ids per block; the partials are per (request, vocab tile).

@@ -298,19 +298,6 @@ __global__ void __launch_bounds__(kChainThreads) rs_chain_kernel(const Rejection
   if (tid == 0) a.num_accepted[r] = static_cast<int32_t>(n_acc);
 }
 
-template <typename F>
-cudaError_t dispatch_float(FloatType t, F&& f) {
-  switch (t) {
-    case FloatType::kFloat32:
-      return f(float{});
-    case FloatType::kFloat16:
-      return f(__half{});
-    case FloatType::kBFloat16:
-      return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t rejection_sample_launch(const RejectionSampleArgs& args, cudaStream_t stream) {

@@ -5,14 +5,10 @@
 
 #include <cstdint>
 
+#include "float_type.h"
+
 namespace dspark {
 
-// Element type of a floating-point input. Identical definition in
-// markov_draft.h; the guard lets both headers be included together.
-#ifndef DSPARK_FLOAT_TYPE_DEFINED
-#define DSPARK_FLOAT_TYPE_DEFINED
-enum class FloatType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-#endif
 
 // All pointers are device pointers; strides are in elements. Vocabulary
 // dimensions must have unit stride. Optional inputs are nullptr when absent.

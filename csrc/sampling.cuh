@@ -18,11 +18,13 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#include "float_type.h"
 #include "philox.cuh"
 
 namespace dspark {
@@ -440,5 +442,20 @@ __device__ __forceinline__ ArgMax warp_argmax(ArgMax v) { return warp_allreduce(
 __device__ __forceinline__ ArgMaxZ warp_argmax(ArgMaxZ v) { return warp_allreduce(v, ArgMaxOp{}); }
 
 #endif  // __CUDACC__
+
+// Calls f with a value of the C++ type that t names (templated kernels pick
+// their load type from it).
+template <typename F>
+cudaError_t dispatch_float(FloatType t, F&& f) {
+  switch (t) {
+    case FloatType::kFloat32:
+      return f(float{});
+    case FloatType::kFloat16:
+      return f(__half{});
+    case FloatType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace dspark

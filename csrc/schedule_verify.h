@@ -90,6 +90,8 @@ cudaError_t schedule_verify_launch(const ScheduleVerifyArgs& args, cudaStream_t 
 #include <cmath>
 #include <cstring>
 
+#include "sampling.cuh"
+
 namespace dspark {
 namespace sv {
 
@@ -133,25 +135,9 @@ __host__ __device__ __forceinline__ int config_index(int64_t n) {
   return n <= Config0::kCap ? 0 : n <= Config1::kCap ? 1 : n <= Config2::kCap ? 2 : 3;
 }
 
-__host__ __device__ __forceinline__ int32_t f32_bits(float x) {
-#ifdef __CUDA_ARCH__
-  return __float_as_int(x);
-#else
-  int32_t b;
-  std::memcpy(&b, &x, sizeof(b));
-  return b;
-#endif
-}
-
-__host__ __device__ __forceinline__ float bits_f32(int32_t b) {
-#ifdef __CUDA_ARCH__
-  return __int_as_float(b);
-#else
-  float x;
-  std::memcpy(&x, &b, sizeof(x));
-  return x;
-#endif
-}
+// Bit casts shared with the sampling kernels (sampling.cuh).
+using ::dspark::bits_as_float;
+using ::dspark::float_as_bits;
 
 // fp32 round-to-nearest arithmetic, written out so nvcc cannot contract or
 // reassociate it (the reference does these operations one at a time).
@@ -187,7 +173,7 @@ __host__ __device__ __forceinline__ float load_f32(const void* p, ScheduleFloat 
       return __half2float(static_cast<const __half*>(p)[i]);
     case ScheduleFloat::kBFloat16: {
       const uint16_t b = static_cast<const uint16_t*>(p)[i];
-      return bits_f32(static_cast<int32_t>(static_cast<uint32_t>(b) << 16));
+      return bits_as_float(static_cast<int32_t>(static_cast<uint32_t>(b) << 16));
     }
     case ScheduleFloat::kFloat64:
       return f64_to_f32(static_cast<const double*>(p)[i]);
@@ -221,7 +207,7 @@ __host__ __device__ __forceinline__ int64_t cap_of(const ScheduleVerifyArgs& a, 
 __host__ __device__ __forceinline__ uint32_t order_hi(float v, bool valid) {
   if (!valid) v = -INFINITY;
   if (v == 0.0f) v = 0.0f;
-  const int32_t bits = f32_bits(v);
+  const int32_t bits = float_as_bits(v);
   int32_t mono = bits ^ ((bits >> 31) & 0x7FFFFFFF);  // int32 ascending == float ascending
   if (v != v) mono = 0x7FFFFFFF;
   return static_cast<uint32_t>(~mono) ^ 0x80000000u;
@@ -230,7 +216,7 @@ __host__ __device__ __forceinline__ uint32_t order_hi(float v, bool valid) {
 // The fp32 value a key's high half was built from (NaN comes back as a NaN).
 __host__ __device__ __forceinline__ float hi_value(uint32_t hi) {
   const int32_t mono = ~static_cast<int32_t>(hi ^ 0x80000000u);
-  return bits_f32(mono ^ ((mono >> 31) & 0x7FFFFFFF));
+  return bits_as_float(mono ^ ((mono >> 31) & 0x7FFFFFFF));
 }
 
 // Image of candidate (r, j) of `values` (survival or history).
@@ -345,7 +331,7 @@ __host__ __device__ __forceinline__ uint64_t argmax_key(float theta, uint32_t k)
   if (theta != theta) {
     u = 0xFFFFFFFFu;
   } else {
-    const int32_t bits = f32_bits(theta == 0.0f ? 0.0f : theta);
+    const int32_t bits = float_as_bits(theta == 0.0f ? 0.0f : theta);
     u = static_cast<uint32_t>(bits ^ ((bits >> 31) & 0x7FFFFFFF)) ^ 0x80000000u;
   }
   return (static_cast<uint64_t>(u) << 32) | static_cast<uint32_t>(~k);

@@ -88,6 +88,21 @@ void check_float(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+// Per-request temperature [R] float and seed [R] int64, and the one-element
+// int64 offset, on ref's device: the RNG state every sampling op takes.
+void check_sampling_state(const at::Tensor& temperature, const at::Tensor& seed, const at::Tensor& offset,
+                          const at::Tensor& ref, int64_t num_req) {
+  check_device(temperature, ref, "temperature");
+  check_float(temperature, "temperature");
+  check_shape(temperature, {num_req}, "temperature");
+  check_device(seed, ref, "seed");
+  TORCH_CHECK(seed.scalar_type() == at::kLong, "seed must be int64");
+  check_shape(seed, {num_req}, "seed");
+  check_device(offset, ref, "offset");
+  TORCH_CHECK(offset.scalar_type() == at::kLong && offset.numel() == 1,
+              "offset must be a one-element int64 tensor");
+}
+
 // A [.., V] tensor whose last dimension has unit stride (copied only if not).
 at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
@@ -122,15 +137,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   check_device(cu_verify, ref, "cu_verify");
   check_int(cu_verify, "cu_verify");
   check_shape(cu_verify, {num_req + 1}, "cu_verify");
-  check_device(temperature, ref, "temperature");
-  check_float(temperature, "temperature");
-  check_shape(temperature, {num_req}, "temperature");
-  check_device(seed, ref, "seed");
-  TORCH_CHECK(seed.scalar_type() == at::kLong, "seed must be int64");
-  check_shape(seed, {num_req}, "seed");
-  check_device(offset, ref, "offset");
-  TORCH_CHECK(offset.scalar_type() == at::kLong && offset.numel() == 1,
-              "offset must be a one-element int64 tensor");
+  check_sampling_state(temperature, seed, offset, ref, num_req);
   TORCH_CHECK(!(draft_probs.has_value() && (draft_logits.has_value() || draft_token_probs.has_value())),
               "give either draft_probs or the draft_token_probs/draft_logits pair, not both");
   TORCH_CHECK(!draft_token_probs.has_value() || draft_logits.has_value(),
@@ -260,15 +267,7 @@ markov_draft_cuda(const at::Tensor& base_logits, const at::Tensor& anchor, const
   check_shape(w2, {vocab, rank}, "w2");
   const dspark::FloatType w2_dtype = float_type_of(w2, "w2");
   float_type_of(w1, "w1");
-  check_device(temperature, ref, "temperature");
-  check_float(temperature, "temperature");
-  check_shape(temperature, {num_req}, "temperature");
-  check_device(seed, ref, "seed");
-  TORCH_CHECK(seed.scalar_type() == at::kLong, "seed must be int64");
-  check_shape(seed, {num_req}, "seed");
-  check_device(offset, ref, "offset");
-  TORCH_CHECK(offset.scalar_type() == at::kLong && offset.numel() == 1,
-              "offset must be a one-element int64 tensor");
+  check_sampling_state(temperature, seed, offset, ref, num_req);
   const std::optional<at::Tensor>* optionals[] = {&hidden,     &conf_weight, &conf_bias,
                                                   &sts_temperature, &gate_weight, &gate_bias,
                                                   &rnn_weight, &rnn_bias};

@@ -14,6 +14,7 @@ from .ops.pack_verify import VerifyBatch, pack_verify
 from .ops.philox_uniform import philox_uniform
 from .ops.rejection_sample import rejection_sample
 from .ops.schedule_verify import Schedule, schedule_verify
+from .ops.verify_attention import verify_attention
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "rejection_sample",
     "schedule_verify",
     "set_debug",
+    "verify_attention",
 ]

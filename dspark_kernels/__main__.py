@@ -10,13 +10,14 @@ def info() -> int:
     import torch
 
     from . import _extension
-    from .ops import markov_draft, philox_uniform, rejection_sample
+    from .ops import markov_draft, pack_verify, philox_uniform, rejection_sample, schedule_verify, verify_attention
 
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA device: {torch.cuda.is_available()}")
     print(f"CUDA extension: {_extension.why_missing()}")
-    for mod in (markov_draft, rejection_sample, philox_uniform):
+    for mod in (markov_draft, schedule_verify, pack_verify, verify_attention, rejection_sample, philox_uniform):
         b = mod.BACKENDS
-        print(f"{b.name:18s} cpu: {', '.join(b.available('cpu')):28s} cuda: {', '.join(b.available('cuda'))}")
+        auto = "  (auto skips: " + ", ".join(b.not_auto) + ")" if b.not_auto else ""
+        print(f"{b.name:18s} cpu: {', '.join(b.available('cpu')):28s} cuda: {', '.join(b.available('cuda'))}{auto}")
     return 0
 
 

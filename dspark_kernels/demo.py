@@ -40,10 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import markov_draft, pack_verify, rejection_sample, schedule_verify
-
-# verify_attention is not (yet) exported from dspark_kernels/__init__.py.
-from .ops.verify_attention import verify_attention
+from . import markov_draft, pack_verify, rejection_sample, schedule_verify, verify_attention
 
 # Batched (paged, verify_attention) and sequential (dense) target logits are
 # both fp32 and differ only in summation order: logits are O(10), attention

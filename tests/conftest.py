@@ -20,6 +20,12 @@ def available_backends(op_module) -> list[str]:
     return op_module.BACKENDS.available(torch.device(DEVICE).type)
 
 
+def interpreted(backend: str) -> bool:
+    """Whether ``backend`` runs through the Triton interpreter here (Triton on CPU
+    tensors): correct, but ~10-100 ms per program, so tests keep it to small shapes."""
+    return backend == "triton" and torch.device(DEVICE).type == "cpu"
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE

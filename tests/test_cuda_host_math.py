@@ -615,7 +615,7 @@ static void emulate(const ScheduleVerifyArgs& a) {
   cu[0] = 0;
   for (auto v : lengths) std::printf("%d ", v);
   for (auto v : cu) std::printf("%d ", v);
-  std::printf("%d %u %d\n", total_rows, (unsigned)f32_bits(expected), config_index(R * a.gamma));
+  std::printf("%d %u %d\n", total_rows, (unsigned)float_as_bits(expected), config_index(R * a.gamma));
 }
 
 int main() {

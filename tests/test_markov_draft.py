@@ -45,18 +45,9 @@ from dspark_kernels.ops import markov_draft as md_op
 
 from stats import assert_follows, counts_of
 
-try:  # shared helper (tests/conftest.py); fall back to the op's own registry
-    from conftest import DEVICE, available_backends
+from conftest import DEVICE, available_backends, interpreted as _interpreted
 
-    BACKENDS = available_backends(md_op)
-except ImportError:  # pragma: no cover - depends on the state of conftest.py
-    DEVICE = "cpu"
-    BACKENDS = ["reference"] + [b for b in md_op.BACKENDS.available("cpu") if b == "triton"]
-
-
-def _interpreted(backend):
-    """Triton on CPU tensors runs through its interpreter: correct but ~10 ms per program."""
-    return backend == "triton" and torch.device(DEVICE).type == "cpu"
+BACKENDS = available_backends(md_op)
 
 
 # Monte Carlo and the larger tests run on the reference and compiled backends;

@@ -39,19 +39,9 @@ from dspark_kernels.ops import rejection_sample as rs_op
 
 from stats import assert_follows, assert_rate, chi2_test, counts_of
 
-try:  # shared helper (tests/conftest.py); fall back to the op's own registry
-    from conftest import DEVICE, available_backends
+from conftest import DEVICE, available_backends, interpreted as _interpreted
 
-    BACKENDS = available_backends(rs_op)
-except ImportError:  # pragma: no cover - depends on the state of conftest.py
-    DEVICE = "cpu"
-    BACKENDS = ["reference"] + [b for b in rs_op.BACKENDS.available("cpu") if b == "triton"]
-
-
-
-def _interpreted(backend):
-    """Triton on CPU tensors runs through its interpreter: correct but ~0.1 s per program."""
-    return backend == "triton" and torch.device(DEVICE).type == "cpu"
+BACKENDS = available_backends(rs_op)
 
 
 # Monte Carlo and the other large tests run on compiled backends only; an
