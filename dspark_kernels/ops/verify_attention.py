@@ -39,8 +39,8 @@ def _check(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask, sm_sc
         raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     if head_dim < 1 or page_size < 1 or num_kv < 1:
         raise ValueError(f"k_cache dims must be positive, got shape {tuple(k_cache.shape)}")
-    if num_heads % num_kv:
-        raise ValueError(f"q has {num_heads} heads, not a multiple of the {num_kv} kv heads of k_cache (GQA)")
+    if num_heads < 1 or num_heads % num_kv:
+        raise ValueError(f"q has {num_heads} heads, not a positive multiple of the {num_kv} kv heads of k_cache (GQA)")
     V.tensor("page_table", page_table, ndim=2, dtypes=V.INT_DTYPES)
     num_req = page_table.shape[0]
     V.tensor("kv_lens", kv_lens, ndim=1, dtypes=V.INT_DTYPES)
@@ -76,6 +76,8 @@ def _check_values(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask
         return
     n = cu[1:] - cu[:-1]
     lens = kv_lens.to(torch.int64)
+    if bool((lens < 0).any()):
+        raise ValueError(f"kv_lens must be >= 0, got min {int(lens.min())}")
     if bool((lens < n).any()):
         r = int((lens < n).nonzero()[0, 0])
         raise ValueError(f"kv_lens must include the verify tokens (kv_lens[r] >= n_r): request {r} has "
@@ -171,23 +173,43 @@ def verify_attention(
 
     Args:
         q: [T, Hq, D] fp16/bf16/fp32, any strides.
-        k_cache, v_cache: [pages, page_size, Hkv, D], q's dtype; key position k of
-            request r is slot k % page_size of page page_table[r, k // page_size].
+        k_cache, v_cache: [pages, page_size, Hkv, D], q's dtype, any strides (k and v
+            may be views into one interleaved buffer); key position k of request r
+            is slot k % page_size of page page_table[r, k // page_size].
         page_table: [R, max_pages] int32 (int64 accepted); entries past
             ceil(kv_lens[r] / page_size) are never read.
         kv_lens: [R] int32, keys per request including its n_r verify tokens
             (already written to the cache).
         cu_verify: [R + 1] int32 row offsets (n_r = 0 for inactive requests).
         tree_mask: optional [T, W] int32, W in {1, 2} (at most 32·W verify
-            tokens per request); None means a causal chain.
+            tokens per request); None means a causal chain. Integer inputs
+            (page_table, kv_lens, cu_verify, tree_mask) may be strided views.
         sm_scale: logit scale (None: 1/sqrt(D)).
         window: sliding window in keys (-1: off), as above.
         softcap: logit soft-cap (0: off).
         return_lse: also return lse [T, Hq] fp32.
-        backend: "auto" | "reference" | "triton" | "cuda".
+        backend: "auto" | "reference" | "triton" | "cuda". Triton on CPU tensors
+            (the interpreter) takes fp32 and fp16 only: it refuses bf16, which the
+            interpreter emulates wrongly.
 
-    Values (kv_lens >= n_r, pages in range, tree rows well formed, cu_verify
-    monotone) are checked on CPU always and on CUDA only in debug mode.
+    Values (kv_lens >= n_r >= 0, pages in range, tree rows well formed,
+    cu_verify monotone) are checked on CPU always and on CUDA only in debug
+    mode. Outside debug mode the Triton path reads no device value (no host
+    sync: its grid and split count come from shapes alone, so the call can be
+    captured in a CUDA graph and replayed with new lengths of the same
+    shapes); the reference loops over requests on the host and does sync.
+
+    NaN policy (all backends): non-finite values are neither checked nor
+    masked, they propagate. A NaN/Inf in q[i, h] reaches only out[i, h] and
+    lse[i, h]. A NaN/Inf key or value that request r reads may reach every
+    row of request r (a key masked for one row still enters the P·V product
+    with weight 0, and 0·NaN = NaN, as in FlashAttention) but never another
+    request. What a request does not read cannot leak in, whatever it holds:
+    cache slots past kv_lens[r] in its last page, page_table entries past
+    ceil(kv_lens[r] / page_size), pages it does not list, keys before the
+    window of its first verify row (position < kv_lens[r] - n_r + 1 - window),
+    q and tree_mask rows past cu_verify[R]; so an uninitialised (NaN) cache
+    tail or -1 padding in the page table is harmless.
 
     Returns:
         out [T, Hq, D] in q's dtype, or (out, lse) when return_lse.

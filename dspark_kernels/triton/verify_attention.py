@@ -204,29 +204,55 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def launch_config(dtype: torch.dtype, head_dim: int, group: int, max_rows: int, interp: bool) -> dict:
+    """Tile sizes (and warps / stages on a GPU) from static facts only.
+
+    Up to 16 rows x G share one [BLOCK_M, D] query tile (one pass over the keys);
+    requests with more rows loop over row tiles. The same function feeds the
+    launcher and _compile_specs, so the sm_90 compile check covers the launched
+    configurations.
+    """
+    block_d = max(16, _next_pow2(head_dim))
+    block_m = min(max(16, _next_pow2(min(max_rows, 16) * group)), 32 if interp else 64)
+    block_n = 32 if interp or dtype == torch.float32 or block_d > 128 else 64
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    if not interp:
+        cfg.update(num_warps=4 if block_m * block_d <= 64 * 128 else 8, num_stages=2)
+    return cfg
+
+
 def verify_attention(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask, sm_scale, window,
                      softcap, return_lse, *, num_splits=None, block_m=None, block_n=None):
-    """See dspark_kernels.ops.verify_attention; keywords after * are tuning knobs for tests and benchmarks."""
+    """See dspark_kernels.ops.verify_attention; keywords after * are tuning knobs for tests and benchmarks.
+
+    Reads no tensor value on the host: every launch parameter below comes from
+    shapes, dtypes, strides and the scalar arguments.
+    """
     num_rows, num_heads, head_dim = q.shape
     page_size, num_kv = k_cache.shape[1], k_cache.shape[2]
     num_req, max_pages = page_table.shape
     group = num_heads // num_kv
     dev = q.device
+    interp = dev.type == "cpu"
+    if interp and q.dtype == torch.bfloat16:
+        # The interpreter emulates bf16 tl.dot wrongly (off by orders of magnitude under
+        # Triton 3.x): refuse rather than return garbage. fp32 and fp16 are fine there.
+        raise TypeError("q has dtype bfloat16, which the Triton interpreter (CPU tensors) cannot run; "
+                        "use float32 or float16 on CPU, the reference backend, or a GPU")
     lse_shape = (num_rows, num_heads) if return_lse else (0,)
     if num_rows == 0 or num_req == 0:
         lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=dev)
         return torch.zeros_like(q, memory_format=torch.contiguous_format), lse
 
-    interp = dev.type == "cpu"
-    block_d = max(16, _next_pow2(head_dim))
     tree_words = 0 if tree_mask is None else tree_mask.shape[1]
-    # Static bound on one request's rows: the whole batch, or 64 with a tree. Up to
-    # 16 rows × G share one tile (one pass over the keys); more loop over row tiles.
+    # Static bound on one request's rows: the whole batch, or 64 with a tree.
     max_rows = min(num_rows, 64 if tree_mask is not None else num_rows)
-    if block_m is None:
-        block_m = min(max(16, _next_pow2(min(max_rows, 16) * group)), 32 if interp else 64)
-    if block_n is None:
-        block_n = 32 if interp or q.dtype == torch.float32 or block_d > 128 else 64
+    cfg = launch_config(q.dtype, head_dim, group, max_rows, interp)
+    if block_m is not None:
+        cfg["BLOCK_M"] = block_m
+    if block_n is not None:
+        cfg["BLOCK_N"] = block_n
+    block_d = cfg["BLOCK_D"]
     max_keys = max_pages * page_size
     if window > 0:
         max_keys = min(max_keys, window - 1 + max_rows)
@@ -239,10 +265,7 @@ def verify_attention(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_m
     tree = tree_mask if tree_mask is not None else cu  # never read without a tree
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     meta = dict(GROUP=group, PAGE_SIZE=page_size, TREE_WORDS=tree_words, HAS_SOFTCAP=softcap > 0,
-                HAS_WINDOW=window > 0, DOT_PRECISION=dot_precision, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=block_d)
-    if not interp:
-        meta.update(num_warps=4 if block_m * block_d <= 64 * 128 else 8, num_stages=2)
+                HAS_WINDOW=window > 0, DOT_PRECISION=dot_precision, **cfg)
     common = (q, k_cache, v_cache, page_table, kv_lens, cu, tree, sm_scale, softcap if softcap > 0 else 1.0,
               window, head_dim, *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_table.stride(),
               tree.stride(0), tree.stride(1) if tree.dim() > 1 else 1)
@@ -276,7 +299,15 @@ def _compile_specs():
              "stride_vd stride_ptr stride_ptp stride_tt stride_tw out_ptr lse_ptr stride_os stride_ot stride_oh "
              "stride_ls stride_lt").split()
     specs = []
-    for dtype, out_dtype in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    # (q dtype, out dtype, head dim, GQA group, page size, max rows, tree words, softcap+window):
+    # the split path writes fp32 partials; head dims 64/128/256, groups 1/4/8, pages 1..256.
+    for dtype, out_dtype, head_dim, group, page_size, max_rows, tree_words, extras in (
+            ("bf16", "bf16", 128, 4, 16, 8, 0, False), ("bf16", "fp32", 128, 4, 16, 64, 2, True),
+            ("fp16", "fp16", 128, 4, 16, 8, 0, False), ("fp32", "fp32", 128, 4, 16, 8, 2, True),
+            ("bf16", "bf16", 64, 8, 1, 64, 2, True), ("fp16", "fp32", 64, 1, 256, 1, 0, False),
+            ("bf16", "bf16", 256, 8, 256, 64, 0, True), ("fp16", "fp16", 256, 1, 1, 64, 1, False),
+            ("fp32", "fp32", 256, 8, 5, 64, 2, True)):
         sig = {k: "i32" for k in names}
         sig.update(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", pt_ptr="*i32", kvlen_ptr="*i32",
                    cu_ptr="*i32", tree_ptr="*i32", out_ptr=f"*{out_dtype}", lse_ptr="*fp32", scale="fp32",
@@ -284,15 +315,17 @@ def _compile_specs():
         for k in names:
             if k.startswith("stride_") and k not in ("stride_ptp", "stride_tw"):
                 sig[k] = "i64"
-        for tree_words, softcap, window in ((0, False, False), (2, True, True)):
-            const = dict(GROUP=4, PAGE_SIZE=16, TREE_WORDS=tree_words, HAS_SOFTCAP=softcap, HAS_WINDOW=window,
-                         STORE_LSE=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=64,
-                         BLOCK_N=32 if dtype == "fp32" else 64, BLOCK_D=128)
-            sig.update({k: "constexpr" for k in const})
-            specs.append((_verify_attn_kernel, dict(sig), const))
+        cfg = launch_config(dtypes[dtype], head_dim, group, max_rows, interp=False)
+        options = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+        const = dict(GROUP=group, PAGE_SIZE=page_size, TREE_WORDS=tree_words, HAS_SOFTCAP=extras,
+                     HAS_WINDOW=extras, STORE_LSE=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg)
+        sig.update({k: "constexpr" for k in const})
+        specs.append((_verify_attn_kernel, sig, const, options))
     merge = {"po_ptr": "*fp32", "pl_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32", "cu_ptr": "*i32",
              "num_req": "i32", "num_heads": "i32", "head_dim": "i32", "stride_ps": "i64", "stride_pt": "i64",
              "stride_ph": "i64", "stride_qs": "i64", "stride_qt": "i64", "stride_ot": "i64", "stride_oh": "i64",
              "NUM_SPLITS": "constexpr", "STORE_LSE": "constexpr", "BLOCK_H": "constexpr", "BLOCK_D": "constexpr"}
     specs.append((_merge_kernel, merge, {"NUM_SPLITS": 16, "STORE_LSE": True, "BLOCK_H": 32, "BLOCK_D": 128}))
+    specs.append((_merge_kernel, dict(merge, out_ptr="*fp16"),
+                  {"NUM_SPLITS": 64, "STORE_LSE": False, "BLOCK_H": 16, "BLOCK_D": 256}))
     return specs
