@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dspark_kernels as dk
 from dspark_kernels import _backend
 from dspark_kernels.ops import pack_verify as op
 
+from host_sync import HostSyncSpy
 from conftest import DEVICE, available_backends
 
 BACKENDS = available_backends(op)
@@ -205,24 +205,6 @@ def test_compile_fullgraph_matches_eager(backend):
         batch = [t.to(DEVICE) for t in random_batch(rng, 11, 5)]
         for g, w in zip(compiled(*batch), step(*batch)):
             assert g.dtype == w.dtype and torch.equal(g, w)
-
-
-class HostSyncSpy(TorchDispatchMode):
-    SYNC = {
-        torch.ops.aten._local_scalar_dense.default,
-        torch.ops.aten.nonzero.default,
-        torch.ops.aten.masked_select.default,
-        torch.ops.aten.equal.default,
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNC:
-            self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

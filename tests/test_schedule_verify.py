@@ -12,12 +12,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dspark_kernels as dk
 from dspark_kernels import _backend
 from dspark_kernels.ops import schedule_verify as op
 
+from host_sync import HostSyncSpy
 from conftest import DEVICE, available_backends
 from stats import rate_test
 
@@ -645,30 +645,6 @@ def test_compile_fullgraph_matches_eager(backend, mode):
         assert len(got) == len(want) == 7
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and torch.equal(g, w)
-
-
-_SYNC_OPS = {
-    torch.ops.aten._local_scalar_dense.default,  # .item(), bool(t), int(t), t[0-d index tensor]
-    torch.ops.aten.nonzero.default,
-    torch.ops.aten.masked_select.default,
-    torch.ops.aten.equal.default,
-    torch.ops.aten._unique2.default,
-    torch.ops.aten.unique_dim.default,
-    torch.ops.aten.unique_consecutive.default,
-}
-
-
-class HostSyncSpy(TorchDispatchMode):
-    """Records the aten ops that read device values back to the host."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _SYNC_OPS:
-            self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _needs_real_device(backend):

@@ -16,12 +16,12 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dspark_kernels import _backend
 from dspark_kernels import _validate
 from dspark_kernels.ops import verify_attention as op
 
+from host_sync import HostSyncSpy
 from conftest import DEVICE, available_backends, interpreted
 
 BACKENDS = available_backends(op)
@@ -473,29 +473,6 @@ def test_nan_propagates_within_its_reach(backend):
 # ---------------------------------------------------------------------------
 # No host sync: launch parameters from static bounds only.
 # ---------------------------------------------------------------------------
-
-_SYNC_OPS = {
-    torch.ops.aten._local_scalar_dense.default,  # .item(), bool(t), int(t), t[0-d index tensor]
-    torch.ops.aten.nonzero.default,
-    torch.ops.aten.masked_select.default,
-    torch.ops.aten.equal.default,
-    torch.ops.aten._unique2.default,
-    torch.ops.aten.unique_consecutive.default,
-}
-
-
-class HostSyncSpy(TorchDispatchMode):
-    """Records the aten ops that read device values back to the host."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _SYNC_OPS:
-            self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
-
 
 class _KernelStub:
     """Stands in for a @triton.jit kernel: records kernel[grid](*args, **meta)."""
