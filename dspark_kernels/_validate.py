@@ -48,6 +48,18 @@ def tensor(name: str, t, *, ndim: int | None = None, dtypes: Iterable[torch.dtyp
     return t
 
 
+def tensor_args(optional: Iterable[str] = (), **args) -> None:
+    """Public wrappers call this before dispatch: a non-tensor argument is then a
+    TypeError naming it instead of the dispatcher's schema cast error. Only
+    isinstance checks, so the op's own metadata checks are not run twice."""
+    optional = set(optional)
+    for name, t in args.items():
+        if t is None and name in optional:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")

@@ -194,3 +194,16 @@ def test_debug_switch_round_trip():
         assert not dk.debug_enabled()
     finally:
         dk.set_debug(before)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: dk.philox_uniform([1, 2], torch.tensor(0), stream=1, n=4),
+    lambda: dk.schedule_verify([[0.5]], torch.ones(3)),
+    lambda: dk.pack_verify([0], torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                           torch.tensor([0, 1], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)),
+    lambda: dk.rejection_sample(**dict(_rejection_args(), temperature=[1.0, 0.0, 0.7])),
+    lambda: dk.markov_draft(**{**_markov_args(), "seed": [0]}),
+], ids=["philox_uniform", "schedule_verify", "pack_verify", "rejection_sample", "markov_draft"])
+def test_non_tensor_argument_is_a_type_error_naming_it(call):
+    with pytest.raises(TypeError, match=r"(seed|survival|anchor|temperature) must be a torch.Tensor"):
+        call()

@@ -239,6 +239,13 @@ def markov_draft(
         confidence [R, γ] fp32 | None, survival [R, γ] fp32 | None,
         draft_probs [R, γ, V] fp32 | None, draft_logits [R, γ, V] fp32 | None).
     """
+    V.tensor_args(
+        ("hidden", "conf_weight", "conf_bias", "sts_temperature", "gate_weight", "gate_bias", "rnn_weight",
+         "rnn_bias"),
+        base_logits=base_logits, anchor=anchor, w1=w1, w2=w2, temperature=temperature, seed=seed, offset=offset,
+        hidden=hidden, conf_weight=conf_weight, conf_bias=conf_bias, sts_temperature=sts_temperature,
+        gate_weight=gate_weight, gate_bias=gate_bias, rnn_weight=rnn_weight, rnn_bias=rnn_bias,
+    )
     out = torch.ops.dspark.markov_draft(
         base_logits, anchor, w1, w2, temperature, seed, offset, hidden, conf_weight, conf_bias,
         sts_temperature, gate_weight, gate_bias, rnn_weight, rnn_bias, bool(return_draft_probs),

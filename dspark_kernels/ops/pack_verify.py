@@ -84,4 +84,5 @@ def pack_verify(
     Returns:
         VerifyBatch(token_ids, positions, row_request), each [R·(γ+1)] int32.
     """
+    V.tensor_args(anchor=anchor, tokens=tokens, lengths=lengths, cu_verify=cu_verify, start_pos=start_pos)
     return VerifyBatch(*torch.ops.dspark.pack_verify(anchor, tokens, lengths, cu_verify, start_pos, backend or ""))

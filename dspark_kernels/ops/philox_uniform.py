@@ -79,4 +79,5 @@ def philox_uniform(
     Returns:
         [R, n] float32.
     """
+    V.tensor_args(seed=seed, offset=offset)
     return torch.ops.dspark.philox_uniform(seed, offset, stream, position, n, backend or "")

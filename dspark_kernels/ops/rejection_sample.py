@@ -235,10 +235,12 @@ def rejection_sample(
         tokens [R, γ + 1] int32 (accepted drafts, then the residual/bonus token,
         then -1), num_accepted [R] int32.
     """
-    # Metadata only (no device reads): a wrong type is reported by name here
-    # instead of as a schema cast error from the dispatcher.
-    _check(target_logits, draft_tokens, draft_probs, lengths, cu_verify, temperature, seed, offset,
-           top_k, top_p, draft_token_probs, draft_logits, draft_temperature)
+    V.tensor_args(
+        ("draft_probs", "top_k", "top_p", "draft_token_probs", "draft_logits", "draft_temperature"),
+        target_logits=target_logits, draft_tokens=draft_tokens, draft_probs=draft_probs, lengths=lengths,
+        cu_verify=cu_verify, temperature=temperature, seed=seed, offset=offset, top_k=top_k, top_p=top_p,
+        draft_token_probs=draft_token_probs, draft_logits=draft_logits, draft_temperature=draft_temperature,
+    )
     return torch.ops.dspark.rejection_sample(
         target_logits, draft_tokens, draft_probs, lengths, cu_verify, temperature, seed, offset,
         top_k, top_p, draft_token_probs, draft_logits, draft_temperature, backend or "",

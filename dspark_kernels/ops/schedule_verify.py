@@ -136,4 +136,6 @@ def schedule_verify(
         Schedule(lengths [R] int32, cu_verify [R+1] int32, total [] int32,
         expected_tokens [] fp32), all on the input device; no host sync.
     """
+    V.tensor_args(("history", "max_len", "active"), survival=survival, sps=sps, history=history, max_len=max_len,
+                  active=active)
     return Schedule(*torch.ops.dspark.schedule_verify(survival, sps, mode, history, max_len, active, backend or ""))

@@ -214,6 +214,8 @@ def verify_attention(
     Returns:
         out [T, Hq, D] in q's dtype, or (out, lse) when return_lse.
     """
+    V.tensor_args(("tree_mask",), q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, kv_lens=kv_lens,
+                  cu_verify=cu_verify, tree_mask=tree_mask)
     out, lse = torch.ops.dspark.verify_attention(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask,
                                                  sm_scale, window, softcap, return_lse, backend or "")
     return (out, lse) if return_lse else out

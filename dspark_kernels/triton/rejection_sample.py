@@ -310,7 +310,8 @@ def rejection_sample(
     cu = cu_verify.to(torch.int64)
     row_req = torch.searchsorted(cu[1:].contiguous(), torch.arange(num_rows, device=device), right=True)
     row_req = row_req.clamp(max=num_req - 1)
-    temp_row = temperature.float()[row_req].contiguous()
+    temp = temperature.float().contiguous()
+    temp_row = temp[row_req]
     topk_row = top_k.to(torch.int64)[row_req].contiguous() if top_k is not None else temp_row
     topp_row = top_p.float()[row_req].contiguous() if top_p is not None else temp_row
     f32 = dict(dtype=torch.float32, device=device)
@@ -322,7 +323,7 @@ def rejection_sample(
             HAS_TOPK=top_k is not None, HAS_TOPP=top_p is not None, BLOCK=BLOCK_V,
         )
 
-    dummy = torch.zeros((1, 1, 1), **f32)
+    dummy = torch.empty((1, 1, 1), **f32)  # never read: the MODE / HAS_DTP constexprs drop its loads
     mode = 1 if draft_probs is not None else (2 if draft_logits is not None else 0)
     dprobs = draft_probs if draft_probs is not None else dummy
     dlogits = draft_logits if draft_logits is not None else dummy
@@ -331,14 +332,14 @@ def rejection_sample(
     if dlogits.stride(-1) != 1:
         dlogits = dlogits.contiguous()
     dtp = draft_token_probs if draft_token_probs is not None else dummy[0]
-    dtemp = (draft_temperature if draft_temperature is not None else temperature).float().contiguous()
+    dtemp = draft_temperature.float().contiguous() if draft_temperature is not None else temp
     _chain_kernel[(num_req,)](
         logits, logits.stride(0), num_rows, vocab, *stats, amax,
         draft_tokens, draft_tokens.stride(0), draft_tokens.stride(1),
         dprobs, dprobs.stride(0), dprobs.stride(1),
         dtp, dtp.stride(0), dtp.stride(1),
         dlogits, dlogits.stride(0), dlogits.stride(1),
-        dtemp, lengths.contiguous(), cu_verify.contiguous(), temperature.float().contiguous(),
+        dtemp, lengths.contiguous(), cu_verify.contiguous(), temp,
         seed.contiguous(), offset.reshape(1), tokens, tokens.stride(0), num_accepted, gamma,
         MODE=mode, HAS_DTP=draft_token_probs is not None, BLOCK=BLOCK_V,
     )
