@@ -135,6 +135,21 @@ def _path(keys, lane, num_active, num_valid, sps_ptr, sps_last):
 
 
 @triton.jit
+def _request_flags(active_ptr, max_len_ptr, req, mask, gamma, HAS_ACTIVE: tl.constexpr, HAS_MAX_LEN: tl.constexpr):
+    """(active, cap = clamp(max_len, 0, γ)) of requests ``req`` where ``mask``; inactive elsewhere."""
+    if HAS_ACTIVE:
+        act = (tl.load(active_ptr + req, mask=mask, other=0) != 0) & mask
+    else:
+        act = mask
+    if HAS_MAX_LEN:
+        ml = tl.load(max_len_ptr + req, mask=mask, other=0).to(tl.int64)
+        cap = tl.minimum(tl.maximum(ml, 0), gamma).to(tl.int32)
+    else:
+        cap = tl.zeros(req.shape, dtype=tl.int32) + gamma
+    return act, cap
+
+
+@triton.jit
 def _schedule_verify_kernel(
     surv_ptr, hist_ptr, sps_ptr, max_len_ptr, active_ptr,
     lengths_ptr, cu_ptr, total_ptr, expected_ptr,
@@ -149,15 +164,7 @@ def _schedule_verify_kernel(
     # Per request: active flag and cap = clamp(max_len, 0, γ).
     req = tl.arange(0, BLOCK_R)
     req_in = req < num_req
-    if HAS_ACTIVE:
-        act_r = (tl.load(active_ptr + req, mask=req_in, other=0) != 0) & req_in
-    else:
-        act_r = req_in
-    if HAS_MAX_LEN:
-        ml = tl.load(max_len_ptr + req, mask=req_in, other=0).to(tl.int64)
-        cap_r = tl.minimum(tl.maximum(ml, 0), gamma).to(tl.int32)
-    else:
-        cap_r = tl.zeros([BLOCK_R], dtype=tl.int32) + gamma
+    act_r, cap_r = _request_flags(active_ptr, max_len_ptr, req, req_in, gamma, HAS_ACTIVE, HAS_MAX_LEN)
     num_active = tl.sum(act_r.to(tl.int32), 0)
     num_valid = tl.sum(tl.where(act_r, cap_r, 0), 0)
 
@@ -166,16 +173,8 @@ def _schedule_verify_kernel(
     in_n = lane < n
     lane_req = lane // gamma_div
     lane_pos = lane - lane_req * gamma
-    if HAS_ACTIVE:
-        lane_act = tl.load(active_ptr + lane_req, mask=in_n, other=0) != 0
-    else:
-        lane_act = in_n
-    if HAS_MAX_LEN:
-        lml = tl.load(max_len_ptr + lane_req, mask=in_n, other=0).to(tl.int64)
-        lane_cap = tl.minimum(tl.maximum(lml, 0), gamma).to(tl.int32)
-    else:
-        lane_cap = tl.zeros([BLOCK], dtype=tl.int32) + gamma
-    lane_valid = in_n & lane_act & (lane_pos < lane_cap)
+    lane_act, lane_cap = _request_flags(active_ptr, max_len_ptr, lane_req, in_n, gamma, HAS_ACTIVE, HAS_MAX_LEN)
+    lane_valid = lane_act & (lane_pos < lane_cap)
 
     a0_f = num_active.to(tl.float32)
     if ASYNC:
