@@ -217,6 +217,17 @@ def _check_markov_structure(out, vocab, what):
     assert bool((survival[:, 1:] <= survival[:, :-1]).all()), what
 
 
+def _run_twice(run, offset, bump):
+    """Run at OFFSET0, advance the offset the engine's way (`bump`), run again; (first, second)."""
+    offset.fill_(OFFSET0)
+    a = run()
+    if bump == "outside":
+        offset.add_(1)
+    b = run()
+    assert int(offset) == OFFSET0 + (2 if bump == "inside" else 1), f"offset is {int(offset) - OFFSET0} past OFFSET0"
+    return a, b
+
+
 def _check_markov_draft(device, backend, capture: bool, bump: str = "outside",
                         num_req=NUM_REQ, gamma=GAMMA, vocab=VOCAB):
     gen = torch.Generator().manual_seed(1234)
@@ -235,12 +246,7 @@ def _check_markov_draft(device, backend, capture: bool, bump: str = "outside",
     live = torch.ones(num_req, dtype=torch.bool)
 
     # 1. Bump the offset between two replays: new draws.
-    offset.fill_(OFFSET0)
-    a = run()
-    if bump == "outside":
-        offset.add_(1)
-    b = run()
-    assert int(offset) == OFFSET0 + (2 if bump == "inside" else 1), f"offset is {int(offset) - OFFSET0} past OFFSET0"
+    a, b = _run_twice(run, offset, bump)
     _check_markov_structure(a, vocab, "replay at OFFSET0")
     _check_markov_structure(b, vocab, "replay at OFFSET0 + 1")
     _assert_offset_sensitive(a[0], b[0], static["temperature"], live, "markov_draft")
@@ -360,12 +366,7 @@ def _check_rejection_sample(device, backend, capture: bool, bump: str = "outside
     def structure(out, what):
         _check_rs_structure(*out, static["draft_tokens"], static["lengths"], _live(static["cu_verify"]), vocab, what)
 
-    offset.fill_(OFFSET0)
-    a = run()
-    if bump == "outside":
-        offset.add_(1)
-    b = run()
-    assert int(offset) == OFFSET0 + (2 if bump == "inside" else 1), f"offset is {int(offset) - OFFSET0} past OFFSET0"
+    a, b = _run_twice(run, offset, bump)
     structure(a, "replay at OFFSET0")
     structure(b, "replay at OFFSET0 + 1")
     _assert_offset_sensitive(a[0], b[0], static["temperature"], _live(static["cu_verify"]), "rejection_sample")
@@ -456,12 +457,7 @@ def _check_verify_round(device, backend, capture: bool, mode: str = "causal", bu
         assert int(lengths.max()) > 0 and int(lengths.min()) < gamma, f"{what}: schedule lengths are not mixed"
         _check_rs_structure(out[7], out[8], inp["draft_tokens"], lengths, live, vocab, what)
 
-    offset.fill_(OFFSET0)
-    a = run()
-    if bump == "outside":
-        offset.add_(1)
-    b = run()
-    assert int(offset) == OFFSET0 + (2 if bump == "inside" else 1), f"offset is {int(offset) - OFFSET0} past OFFSET0"
+    a, b = _run_twice(run, offset, bump)
     structure(a, static, "round at OFFSET0")
     _assert_same(b[:n_sched], a[:n_sched], ROUND_FIELDS[:n_sched], "schedule and packing do not depend on the offset")
     _assert_offset_sensitive(a[7], b[7], static["temperature"], _live(a[1]), "verify round")

@@ -284,18 +284,23 @@ int main() {
 """
 
 
-@pytest.fixture(scope="module")
-def host_exe(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("host_math")
-    src = tmp / "host_math.cu"
-    src.write_text(_HOST_PROGRAM)
-    exe = tmp / "host_math"
+def _build_host_program(tmp_path_factory, name: str, source: str) -> str:
+    """Compile a host emulation program against csrc/ headers with nvcc; return the executable."""
+    tmp = tmp_path_factory.mktemp(name)
+    src = tmp / f"{name}.cu"
+    src.write_text(source)
+    exe = tmp / name
     res = subprocess.run(
         ["nvcc", "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-I", CSRC, str(src), "-o", str(exe)],
         capture_output=True, text=True,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     return str(exe)
+
+
+@pytest.fixture(scope="module")
+def host_exe(tmp_path_factory):
+    return _build_host_program(tmp_path_factory, "host_math", _HOST_PROGRAM)
 
 
 def _fmt(t: torch.Tensor) -> str:
@@ -678,16 +683,7 @@ _SV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float
 
 @pytest.fixture(scope="module")
 def sv_host_exe(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sv_host_math")
-    src = tmp / "sv_host_math.cu"
-    src.write_text(_SV_HOST_PROGRAM)
-    exe = tmp / "sv_host_math"
-    res = subprocess.run(
-        ["nvcc", "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-I", CSRC, str(src), "-o", str(exe)],
-        capture_output=True, text=True,
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
-    return str(exe)
+    return _build_host_program(tmp_path_factory, "sv_host_math", _SV_HOST_PROGRAM)
 
 
 def _sv_bits(t: torch.Tensor) -> str:
