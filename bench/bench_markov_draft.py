@@ -75,12 +75,6 @@ WEIGHT_STD = 0.1
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _ops():
-    import dspark_kernels
-
-    return dspark_kernels
-
-
 def _backend_table():
     from dspark_kernels.ops import markov_draft as op_module
 
@@ -128,18 +122,13 @@ def make_case(R: int, gamma: int, V: int, rank: int, dtype: torch.dtype, device:
 
 
 def _public_call(backend: str):
-    def factory(case: harness.Case):
-        dk = _ops()
-        if backend != "reference":
-            harness.available_backend(_backend_table(), backend, case.params["device"])
+    def call(x: dict, backend: str, case: harness.Case):
+        import dspark_kernels as dk
 
-        def call(x: dict):
-            return dk.markov_draft(x["base_logits"], x["anchor"], x["w1"], x["w2"], x["temperature"],
-                                   x["seed"], x["offset"], backend=backend)
+        return dk.markov_draft(x["base_logits"], x["anchor"], x["w1"], x["w2"], x["temperature"],
+                               x["seed"], x["offset"], backend=backend)
 
-        return call
-
-    return factory
+    return harness.public_op_provider(OP, backend, call)
 
 
 def _compiled_reference(case: harness.Case):

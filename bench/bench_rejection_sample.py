@@ -80,12 +80,6 @@ DEFAULT_ACCEPT = 0.8
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _ops():
-    import dspark_kernels
-
-    return dspark_kernels
-
-
 def _backend_table():
     from dspark_kernels.ops import rejection_sample as op_module
 
@@ -169,21 +163,16 @@ def make_case(R: int, gamma: int, V: int, mode: str, dtype: torch.dtype, accept:
 
 
 def _public_call(backend: str):
-    def factory(case: harness.Case):
-        dk = _ops()
-        if backend != "reference":
-            harness.available_backend(_backend_table(), backend, case.params["device"])
+    def call(x: dict, backend: str, case: harness.Case):
+        import dspark_kernels as dk
 
-        def call(x: dict):
-            return dk.rejection_sample(
-                x["target_logits"], x["draft_tokens"], x["draft_probs"], x["lengths"], x["cu_verify"],
-                x["temperature"], x["seed"], x["offset"], draft_token_probs=x["draft_token_probs"],
-                draft_logits=x["draft_logits"], backend=backend,
-            )
+        return dk.rejection_sample(
+            x["target_logits"], x["draft_tokens"], x["draft_probs"], x["lengths"], x["cu_verify"],
+            x["temperature"], x["seed"], x["offset"], draft_token_probs=x["draft_token_probs"],
+            draft_logits=x["draft_logits"], backend=backend,
+        )
 
-        return call
-
-    return factory
+    return harness.public_op_provider(OP, backend, call)
 
 
 def _compiled_reference(case: harness.Case):

@@ -130,19 +130,13 @@ def make_case(R: int, gamma: int, mode: str, device: torch.device) -> harness.Ca
 
 
 def _public_call(backend: str):
-    def factory(case: harness.Case):
+    def call(x: dict, backend: str, case: harness.Case):
         import dspark_kernels as dk
 
-        if backend != "reference":
-            harness.available_backend(_backend_table(), backend, case.params["device"])
-        mode = case.params["mode"]
+        return dk.schedule_verify(x["survival"], x["sps"], mode=case.params["mode"], history=x["history"],
+                                  backend=backend)
 
-        def call(x: dict):
-            return dk.schedule_verify(x["survival"], x["sps"], mode=mode, history=x["history"], backend=backend)
-
-        return call
-
-    return factory
+    return harness.public_op_provider(OP, backend, call)
 
 
 def _graph_call(backend: str):

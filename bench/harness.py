@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import os
@@ -752,6 +753,23 @@ def available_backend(op_backends, backend: str, device_type: str) -> None:
         return
     why = op_backends.missing(backend, device_type) or f"{backend} not available for {op_backends.name}"
     raise ProviderUnavailable(why)
+
+
+def public_op_provider(op_module: str, backend: str, call):
+    """Provider factory for ``dspark_kernels.<op>(..., backend=backend)``.
+
+    ``call(x, backend, case)`` runs the public op on the inputs dict x. The op
+    module is imported when a case is built, not at import of the bench script,
+    so that --smoke can set TRITON_INTERPRET before triton is imported.
+    """
+
+    def factory(case: Case):
+        if backend != "reference":
+            module = importlib.import_module(f"dspark_kernels.ops.{op_module}")
+            available_backend(module.BACKENDS, backend, case.params["device"])
+        return lambda x: call(x, backend, case)
+
+    return factory
 
 
 def select_providers(providers: Sequence[Provider], spec: str | None) -> list[Provider]:
