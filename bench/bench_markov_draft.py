@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the report (also printed, and written with --out)."""
     args = parser().parse_args(argv)
     cfg = harness.run_config(args)
-    chosen = harness.select_providers(providers(args), args.providers)
+    chosen = harness.select_providers(providers(args), args.providers, args.exclude_providers)
     report = harness.run_benchmark(OP, build_cases(args, cfg.device), chosen, cfg)
     return harness.finish(report, args)
 

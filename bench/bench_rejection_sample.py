@@ -3,7 +3,9 @@
 Cases: R in {1, 8, 64, 256} requests, γ in {5, 7, 16} drafts, V in {129280,
 151936}; target logits bf16 [T, V] on CUDA (fp32 on CPU) with T = R·(γ+1),
 every request verifying all γ drafts (lengths = γ, cu_verify = arange·(γ+1)),
-temperature 1 (the sampling path), no top-k / top-p. Draft modes:
+temperature 1 (the sampling path), no top-k / top-p unless --top-k / --top-p
+give one value for every request (then the target's filtered distribution is
+what drafts are verified against). Draft modes:
   onehot   draft_probs None: one-hot drafts (q = e_x)
   full     draft_probs [R, γ, V] fp32
   minimal  byte-minimal: draft_token_probs [R, γ] + draft_logits [R, γ, V] fp32
@@ -99,7 +101,7 @@ def _bumped_logits(shape, tokens: torch.Tensor, bump: float, g: torch.Generator,
 
 
 def make_case(R: int, gamma: int, V: int, mode: str, dtype: torch.dtype, accept: float,
-              device: torch.device) -> harness.Case:
+              device: torch.device, top_k: int | None = None, top_p: float | None = None) -> harness.Case:
     T = R * (gamma + 1)
     elt = torch.empty((), dtype=dtype).element_size()
     target_bytes = T * V * elt
@@ -128,6 +130,8 @@ def make_case(R: int, gamma: int, V: int, mode: str, dtype: torch.dtype, accept:
             "offset": torch.zeros((), dtype=torch.int64, device=device),
             "draft_token_probs": None,
             "draft_logits": None,
+            "top_k": None if top_k is None else torch.full((R,), top_k, dtype=torch.int32, device=device),
+            "top_p": None if top_p is None else torch.full((R,), top_p, dtype=torch.float32, device=device),
         }
         del target
         if mode != "onehot":
@@ -142,11 +146,13 @@ def make_case(R: int, gamma: int, V: int, mode: str, dtype: torch.dtype, accept:
     def summarize(out) -> dict:
         return {"mean_accepted": float(out[1].float().mean()), "gamma": gamma}
 
+    filters = "".join(f" {k}={v}" for k, v in (("top_k", top_k), ("top_p", top_p)) if v is not None)
     return harness.Case(
         op=OP,
-        name=f"{mode} R={R} g={gamma} V={V}",
+        name=f"{mode} R={R} g={gamma} V={V}{filters}",
         params={"mode": mode, "R": R, "gamma": gamma, "V": V, "T": T, "dtype": str(dtype).replace("torch.", ""),
-                "temperature": 1.0, "target_accept": accept, "device": device.type},
+                "temperature": 1.0, "target_accept": accept, "device": device.type,
+                "top_k": top_k, "top_p": top_p},
         make_inputs=make_inputs,
         floor_bytes=floor_bytes,
         floor_flops=0,
@@ -168,8 +174,8 @@ def _public_call(backend: str):
 
         return dk.rejection_sample(
             x["target_logits"], x["draft_tokens"], x["draft_probs"], x["lengths"], x["cu_verify"],
-            x["temperature"], x["seed"], x["offset"], draft_token_probs=x["draft_token_probs"],
-            draft_logits=x["draft_logits"], backend=backend,
+            x["temperature"], x["seed"], x["offset"], top_k=x["top_k"], top_p=x["top_p"],
+            draft_token_probs=x["draft_token_probs"], draft_logits=x["draft_logits"], backend=backend,
         )
 
     return harness.public_op_provider(OP, backend, call)
@@ -180,7 +186,7 @@ def _compiled_reference(case: harness.Case):
 
     def call(x: dict):
         return fn(x["target_logits"], x["draft_tokens"], x["draft_probs"], x["lengths"], x["cu_verify"],
-                  x["temperature"], x["seed"], x["offset"].reshape(()), None, None, x["draft_token_probs"],
+                  x["temperature"], x["seed"], x["offset"].reshape(()), x["top_k"], x["top_p"], x["draft_token_probs"],
                   x["draft_logits"], None)
 
     return call
@@ -199,11 +205,23 @@ def _flashinfer_chain(case: harness.Case):
     chain = fis.chain_speculative_sampling
     softmax = fis.softmax
     mode = case.params["mode"]
+    top_k, top_p = case.params["top_k"], case.params["top_p"]
+    for needed, name in ((top_k, "top_k_renorm_probs"), (top_p, "top_p_renorm_probs")):
+        if needed is not None and not hasattr(fis, name):
+            raise harness.ProviderUnavailable(f"flashinfer.sampling has no {name} (version mismatch)")
+
+    def filtered(probs: torch.Tensor) -> torch.Tensor:
+        # The target's distribution after top-k then top-p, as our op applies them.
+        if top_k is not None:
+            probs = fis.top_k_renorm_probs(probs, top_k)
+        if top_p is not None:
+            probs = fis.top_p_renorm_probs(probs, top_p)
+        return probs
 
     def call(x: dict):
         R, gamma = x["draft_tokens"].shape
         V = x["target_logits"].shape[1]
-        target_probs = softmax(x["target_logits"], temperature=x["fi_row_temperature"]).view(R, gamma + 1, V)
+        target_probs = filtered(softmax(x["target_logits"], temperature=x["fi_row_temperature"])).view(R, gamma + 1, V)
         if mode == "full":
             draft_probs = x["draft_probs"]
         elif mode == "minimal":
@@ -254,6 +272,8 @@ def parser():
     p.add_argument("--accept", type=float, default=DEFAULT_ACCEPT,
                    help=f"target probability of each draft token, sets the acceptance rate (default {DEFAULT_ACCEPT})")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="target logit dtype (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--top-k", type=int, help="top_k of every request (default: none)")
+    p.add_argument("--top-p", type=float, help="top_p of every request (default: none)")
     return p
 
 
@@ -268,7 +288,11 @@ def build_cases(args, device: torch.device) -> list[harness.Case]:
     gammas = harness.shape_grid(args, "gamma", FULL_GAMMA, QUICK_GAMMA, SMOKE_GAMMA)
     Vs = harness.shape_grid(args, "V", FULL_V, QUICK_V, SMOKE_V)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return [make_case(R, gamma, V, mode, dtype, args.accept, device)
+    if args.top_k is not None and args.top_k < 1:
+        raise SystemExit(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise SystemExit(f"--top-p must lie in (0, 1], got {args.top_p}")
+    return [make_case(R, gamma, V, mode, dtype, args.accept, device, args.top_k, args.top_p)
             for mode in modes for V in Vs for gamma in gammas for R in Rs]
 
 
@@ -276,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the report (also printed, and written with --out)."""
     args = parser().parse_args(argv)
     cfg = harness.run_config(args)
-    chosen = harness.select_providers(providers(), args.providers)
+    chosen = harness.select_providers(providers(), args.providers, args.exclude_providers)
     report = harness.run_benchmark(OP, build_cases(args, cfg.device), chosen, cfg)
     return harness.finish(report, args)
 

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the report (also printed, and written with --out)."""
     args = parser().parse_args(argv)
     cfg = harness.run_config(args)
-    chosen = harness.select_providers(providers(), args.providers)
+    chosen = harness.select_providers(providers(), args.providers, args.exclude_providers)
     report = harness.run_benchmark(OP, build_cases(args, cfg.device), chosen, cfg)
     report["goal"] = evaluate_goal(report)
     return harness.finish(report, args, footer=goal_line(report["goal"]))

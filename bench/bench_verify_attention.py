@@ -370,7 +370,7 @@ def main(argv=None) -> dict:
     limit = args.dense_gb * 1e9
     providers = [provider_ours("reference"), provider_ours("triton"), provider_flex(limit, device),
                  provider_sdpa(limit), provider_flashinfer(False), provider_flashinfer(True)]
-    providers = H.select_providers(providers, args.providers)
+    providers = H.select_providers(providers, args.providers, args.exclude_providers)
     recorder = _Recorder()
     report = H.run_benchmark(OP, cases, [recorder.wrap(pr) for pr in providers], cfg)
     annotate(report, recorder)

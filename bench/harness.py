@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import importlib
 import json
 import math
@@ -169,6 +170,8 @@ class RunConfig:
     extra_meta: dict = field(default_factory=dict)
     smoke: bool = False
     compile_backend: str = "inductor"
+    peaks: "Peaks | None" = None  # given on the command line (--bandwidth, --flop-rate): used for the floor
+    out: str | None = None  # JSON report path, rewritten after every case so a killed run keeps what ran
 
 
 # --------------------------------------------------------------------------- environment
@@ -216,9 +219,12 @@ def _git(*args: str) -> subprocess.CompletedProcess | None:
 
 
 def git_commit() -> str:
+    """HEAD's hash; else DSPARK_GIT_COMMIT (a copied tree without .git, as on the GPU machine); else "unknown"."""
     out = _git("rev-parse", "HEAD")
     commit = out.stdout.strip() if out is not None else ""
-    return commit if out is not None and out.returncode == 0 and commit else "unknown"
+    if out is not None and out.returncode == 0 and commit:
+        return commit
+    return os.environ.get("DSPARK_GIT_COMMIT", "").strip() or "unknown"
 
 
 def git_dirty() -> bool | None:
@@ -559,8 +565,12 @@ def run_case(case: Case, providers: Sequence[Provider], cfg: RunConfig, peaks: P
 
 
 def run_benchmark(op: str, cases: Sequence[Case], providers: Sequence[Provider], cfg: RunConfig) -> dict:
-    """Run every provider on every case; returns the JSON-ready report."""
-    peaks = device_peaks(cfg.device)
+    """Run every provider on every case; returns the JSON-ready report.
+
+    With cfg.out the report is rewritten there after every case (complete
+    cases only), so a run killed at a time limit keeps the cases it finished.
+    """
+    peaks = cfg.peaks or device_peaks(cfg.device)
     report = {
         "schema": "dspark-bench/1",
         "op": op,
@@ -570,6 +580,15 @@ def run_benchmark(op: str, cases: Sequence[Case], providers: Sequence[Provider],
     }
     for case in cases:
         report["cases"].append(run_case(case, providers, cfg, peaks))
+        _tally(report)
+        if cfg.out:
+            write_json(report, cfg.out)
+    _tally(report)
+    return report
+
+
+def _tally(report: dict) -> None:
+    """report["errors"] / ["unavailable"]: one line per provider record with that status."""
     report["errors"] = [
         f"{c['name']} / {name}: {r['reason']}"
         for c in report["cases"] for name, r in c["providers"].items() if r.get("status") == "error"
@@ -578,7 +597,6 @@ def run_benchmark(op: str, cases: Sequence[Case], providers: Sequence[Provider],
         f"{c['name']} / {name}: {r['reason']}"
         for c in report["cases"] for name, r in c["providers"].items() if r.get("status") == "unavailable"
     ]
-    return report
 
 
 # --------------------------------------------------------------------------- output
@@ -691,6 +709,14 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--compile-backend",
                    help='torch.compile backend of the reference-compiled provider (default "inductor"; '
                         '"aot_eager" with --smoke on CPU)')
+    p.add_argument("--exclude-providers",
+                   help="comma list of provider names or fnmatch patterns to leave out (e.g. 'flashinfer*')")
+    p.add_argument("--bandwidth", type=float, metavar="BYTES_PER_S",
+                   help="memory bandwidth for the floor (default: from the device name); bench.gpu_proof passes "
+                        "the device-to-device copy rate it measured")
+    p.add_argument("--flop-rate", type=float, metavar="FLOP_PER_S",
+                   help="matmul rate for the floor (default: from the device name); bench.gpu_proof passes the "
+                        "bf16 matmul rate it measured")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     return p
 
@@ -722,6 +748,21 @@ def run_config(args: argparse.Namespace, extra_meta: dict | None = None) -> RunC
         warmup, iters = (10, 50) if on_cuda else (1, 3)
     backend = getattr(args, "compile_backend", None) or ("aot_eager" if smoke and not on_cuda else "inductor")
     _COMPILE["backend"] = backend
+    peaks = None
+    bandwidth, flop_rate = getattr(args, "bandwidth", None), getattr(args, "flop_rate", None)
+    if bandwidth is not None or flop_rate is not None:
+        base = device_peaks(device)
+        for flag, value in (("--bandwidth", bandwidth), ("--flop-rate", flop_rate)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise SystemExit(f"{flag} must be a positive number, got {value}")
+        peaks = Peaks(
+            bandwidth if bandwidth is not None else base.bandwidth,
+            flop_rate if flop_rate is not None else base.flop_rate,
+            True,
+            "given on the command line (measured on this machine by bench.gpu_proof when it runs the benchmark): "
+            f"{bandwidth if bandwidth is not None else base.bandwidth:.3e} B/s, "
+            f"{flop_rate if flop_rate is not None else base.flop_rate:.3e} FLOP/s",
+        )
     return RunConfig(
         device=device,
         warmup=args.warmup if args.warmup is not None else warmup,
@@ -732,6 +773,8 @@ def run_config(args: argparse.Namespace, extra_meta: dict | None = None) -> RunC
         extra_meta=dict(extra_meta or {}),
         smoke=smoke,
         compile_backend=backend,
+        peaks=peaks,
+        out=getattr(args, "out", None),
     )
 
 
@@ -772,16 +815,19 @@ def public_op_provider(op_module: str, backend: str, call):
     return factory
 
 
-def select_providers(providers: Sequence[Provider], spec: str | None) -> list[Provider]:
-    """The providers named in a comma list, in the list's order (all when spec is empty)."""
-    if not spec:
-        return list(providers)
-    by_name = {p.name: p for p in providers}
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise SystemExit(f"unknown provider(s) {unknown}; choose from {sorted(by_name)}")
-    return [by_name[n] for n in names]
+def select_providers(providers: Sequence[Provider], spec: str | None, exclude: str | None = None) -> list[Provider]:
+    """The providers named in a comma list, in the list's order (all when spec is empty),
+    less those matching a comma list of names / fnmatch patterns in ``exclude``."""
+    chosen = list(providers)
+    if spec:
+        by_name = {p.name: p for p in providers}
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise SystemExit(f"unknown provider(s) {unknown}; choose from {sorted(by_name)}")
+        chosen = [by_name[n] for n in names]
+    patterns = [s.strip() for s in (exclude or "").split(",") if s.strip()]
+    return [p for p in chosen if not any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns)]
 
 
 def finish(report: dict, args: argparse.Namespace, footer: str | None = None) -> dict:

@@ -298,3 +298,44 @@ def test_flashinfer_bindings_against_a_stub(monkeypatch):
     rec = harness.run_case(case, harness.select_providers(rejection.providers(), "flashinfer-chain"),
                            cfg, peaks)["providers"]["flashinfer-chain"]
     assert rec["status"] == "skipped" and "flashinfer not importable" in rec["reason"]
+
+
+def test_measured_peaks_exclusions_and_incremental_report(tmp_path):
+    """--bandwidth / --flop-rate set the floor (bench.gpu_proof passes what it measured), --exclude-providers
+    takes fnmatch patterns, and --out holds every finished case even if the run dies before finish()."""
+    bench = _load("bench_rejection_sample")
+    path = tmp_path / "r.json"
+    report = bench.main(["--smoke", "--device", DEVICE, "--quiet", "--out", str(path), "--bandwidth", "1e9",
+                         "--flop-rate", "2e12", "--exclude-providers", "flashinfer*,reference-c*,cuda",
+                         "--modes", "onehot,minimal"])
+    assert list(report["providers"]) == ["reference-eager", "triton"]
+    peaks = report["meta"]["peaks"]
+    assert peaks["bandwidth_bytes_per_s"] == 1e9 and peaks["flop_rate_per_s"] == 2e12 and peaks["known_device"]
+    for case in report["cases"]:
+        assert case["floor_us"] == pytest.approx(case["floor_bytes"] / 1e9 * 1e6)
+    on_disk = json.loads(path.read_text())
+    assert [c["name"] for c in on_disk["cases"]] == [c["name"] for c in report["cases"]]
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--device", DEVICE, "--bandwidth", "-1"])
+
+
+def test_report_is_on_disk_after_each_case(tmp_path):
+    """A run killed in its second case (here: an interrupt while building inputs) leaves the first case on disk."""
+    from bench import harness
+
+    def boom():
+        raise KeyboardInterrupt
+
+    def case(name, make):
+        return harness.Case(op="toy", name=name, params={"device": "cpu"}, make_inputs=make, floor_bytes=8,
+                            floor_flops=0)
+
+    path = tmp_path / "toy.json"
+    cfg = harness.RunConfig(device=torch.device("cpu"), warmup=0, iters=1, verbose=False, out=str(path))
+    providers = [harness.Provider(harness.REFERENCE_EAGER, lambda c: (lambda x: x["a"] + 1))]
+    with pytest.raises(KeyboardInterrupt):
+        harness.run_benchmark("toy", [case("first", lambda: {"a": torch.ones(2)}), case("second", boom)],
+                              providers, cfg)
+    on_disk = json.loads(path.read_text())
+    assert [c["name"] for c in on_disk["cases"]] == ["first"]
+    assert on_disk["cases"][0]["providers"][harness.REFERENCE_EAGER]["status"] == "ok"

@@ -42,7 +42,6 @@ from dspark_kernels.ops import markov_draft as md_op
 from dspark_kernels.ops import rejection_sample as rs_op
 from dspark_kernels.ops import schedule_verify as sv_op
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 # Compiled backends under test; each test skips one that cannot run its ops here.
 GPU_BACKENDS = ("triton", "cuda")
@@ -493,7 +492,7 @@ def test_checks_pass_eagerly_on_cpu():
             _check_verify_round("cpu", "reference", capture=False, mode=mode, bump=bump)
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("bump", BUMPS)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_markov_draft_cuda_graph(backend, bump):
@@ -502,7 +501,7 @@ def test_markov_draft_cuda_graph(backend, bump):
         _check_markov_draft("cuda", backend, capture=True, bump=bump)
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", RS_MODES)
 @pytest.mark.parametrize("bump", BUMPS)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -512,7 +511,7 @@ def test_rejection_sample_cuda_graph(backend, bump, mode):
         _check_rejection_sample("cuda", backend, capture=True, bump=bump, mode=mode)
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", SCHEDULE_MODES)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_verify_round_cuda_graph(backend, mode):

@@ -1117,6 +1117,7 @@ def test_device_mismatch_names_the_argument(name):
         dk.markov_draft(**d, backend="reference")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a mismatch between two real accelerators needs two GPUs")
 def test_device_mismatch_between_gpus():
     d = {k: (v.to("cuda:0") if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}

@@ -152,7 +152,7 @@ def test_profile_with_host_clock_busy_wait():
     assert float(prof.seconds[4]) >= 8e-4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events need a GPU")
+@pytest.mark.gpu  # CUDA events
 def test_profile_with_cuda_events():
     x = torch.randn(4096, 1024, device="cuda")
     w = torch.randn(1024, 1024, device="cuda")

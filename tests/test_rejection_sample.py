@@ -1159,7 +1159,7 @@ def test_bad_input_names_the_argument(backend, mutate, exc, match, value_checks_
         call(backend, check=False, **bad)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a second device (CUDA)")
+@pytest.mark.gpu  # a device mismatch needs a second device (CUDA)
 def test_device_mismatch():
     d = _good()
     moved = {k: (v.cuda() if isinstance(v, torch.Tensor) and k != "seed" else v) for k, v in d.items()}

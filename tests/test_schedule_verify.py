@@ -665,7 +665,7 @@ def test_no_host_sync(backend, mode):
     assert spy.syncs == [], f"host syncs inside schedule_verify ({backend}): {spy.syncs}"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["causal", "async"])
 def test_cuda_graph_capture(backend, mode):

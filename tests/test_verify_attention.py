@@ -382,7 +382,7 @@ def test_reference_long_context(tree, kw):
     assert_close(out, lse, ref_out, ref_lse, torch.float32, int(args["cu_verify"][-1]))
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="128k-key contexts need a GPU")
+@pytest.mark.gpu  # 128k-key contexts
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tree,kw", [(False, {}), (True, dict(window=128, softcap=30.0))],
@@ -531,7 +531,7 @@ def test_triton_launcher_no_host_sync_static_grid(monkeypatch, tree, kw):
     assert s.syncs == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_no_host_sync_cuda(backend):
     """On CUDA tensors (debug mode off) the kernel path reads nothing back: no sync
@@ -554,7 +554,7 @@ def test_no_host_sync_cuda(backend):
         _validate.set_debug(prev)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("variant", ["chain_splits", "tree_window_softcap"])
 def test_cuda_graph_capture_replay(backend, variant):
