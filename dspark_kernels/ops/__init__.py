@@ -1,1 +1,14 @@
-"""torch.library definitions of the dspark ops: schema, fake, validation, dispatch."""
+"""The op registry: one line per op. Everything that lists ops reads OPS.
+
+Each name is a module dspark_kernels.ops.<name> that defines the op
+(torch.ops.dspark.<name>) and its public function of the same name.
+"""
+
+OPS = (
+    "markov_draft",
+    "schedule_verify",
+    "pack_verify",
+    "verify_attention",
+    "rejection_sample",
+    "philox_uniform",
+)
