@@ -20,7 +20,7 @@ Providers:
                       re-time the eager reference.
   triton, cuda        backend="triton" / "cuda" of the public op; skipped with
                       the reason unless dspark_kernels.ops.markov_draft
-                      .BACKENDS.available(device) lists them (cuda: only when the
+                      .IMPLS.available(device) lists them (cuda: only when the
                       extension dspark_kernels._C is built).
   flashinfer-topk-topp  FlashInfer top_k_top_p_sampling_from_logits on U[:, k]
                       for each k < γ, top_k = V and top_p = 1 per request (no
@@ -75,12 +75,6 @@ WEIGHT_STD = 0.1
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _backend_table():
-    from dspark_kernels.ops import markov_draft as op_module
-
-    return op_module.BACKENDS
-
-
 def make_case(R: int, gamma: int, V: int, rank: int, dtype: torch.dtype, device: torch.device) -> harness.Case:
     elt = torch.empty((), dtype=dtype).element_size()
     u_bytes = R * gamma * V * elt
@@ -132,13 +126,12 @@ def _public_call(backend: str):
 
 
 def _compiled_reference(case: harness.Case):
-    reference = _backend_table().reference
-    fn = harness.compiled(reference)
-    no_head = (None,) * 8  # hidden, conf_weight, conf_bias, sts_temperature, gate/rnn weights and biases
+    from dspark_kernels.ops.markov_draft import OP
+
+    fn = harness.compiled(OP.impls.reference)
 
     def call(x: dict):
-        return fn(x["base_logits"], x["anchor"], x["w1"], x["w2"], x["temperature"], x["seed"],
-                  x["offset"].reshape(()), *no_head, False, False)
+        return fn(OP.normalize(OP.record(**x, return_draft_probs=False, return_draft_logits=False)))
 
     return call
 

@@ -32,7 +32,7 @@ Providers:
                       dspark::rejection_sample is opaque to Dynamo.
   triton, cuda        backend="triton" / "cuda" of the public op; skipped with
                       the reason unless dspark_kernels.ops.rejection_sample
-                      .BACKENDS.available(device) lists them (cuda: only when the
+                      .IMPLS.available(device) lists them (cuda: only when the
                       extension dspark_kernels._C is built).
   flashinfer-chain    logits in, tokens out: FlashInfer's softmax of the target
                       logits (and of the draft logits in minimal mode; the
@@ -80,12 +80,6 @@ SMOKE_V = [257]
 MODES = ("onehot", "full", "minimal")
 DEFAULT_ACCEPT = 0.8
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _backend_table():
-    from dspark_kernels.ops import rejection_sample as op_module
-
-    return op_module.BACKENDS
 
 
 def bump_for(accept: float, V: int) -> float:
@@ -182,12 +176,12 @@ def _public_call(backend: str):
 
 
 def _compiled_reference(case: harness.Case):
-    fn = harness.compiled(_backend_table().reference)
+    from dspark_kernels.ops.rejection_sample import OP
+
+    fn = harness.compiled(OP.impls.reference)
 
     def call(x: dict):
-        return fn(x["target_logits"], x["draft_tokens"], x["draft_probs"], x["lengths"], x["cu_verify"],
-                  x["temperature"], x["seed"], x["offset"].reshape(()), x["top_k"], x["top_p"], x["draft_token_probs"],
-                  x["draft_logits"], None)
+        return fn(OP.normalize(OP.record(**x)))
 
     return call
 

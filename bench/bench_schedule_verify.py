@@ -23,7 +23,7 @@ Providers:
   reference-compiled   torch.compile of the reference implementation function
                        (the dspark::schedule_verify custom op is opaque to Dynamo)
   triton, cuda         backend="triton" / "cuda" of the public op; skipped with the
-                       reason unless dspark_kernels.ops.schedule_verify.BACKENDS
+                       reason unless dspark_kernels.ops.schedule_verify.IMPLS
                        .available(device) lists them (cuda: only when the
                        extension dspark_kernels._C is built)
   reference-eager+graph, triton+graph, cuda+graph
@@ -71,12 +71,6 @@ GOAL_US = 10.0
 GOAL_R = 1024
 GOAL_GAMMA = 16
 GRAPH_SUFFIX = "+graph"
-
-
-def _backend_table():
-    from dspark_kernels.ops import schedule_verify as op_module
-
-    return op_module.BACKENDS
 
 
 def sps_table(max_tokens: int, device: torch.device) -> torch.Tensor:
@@ -151,11 +145,13 @@ def _graph_call(backend: str):
 
 
 def _compiled_reference(case: harness.Case):
-    fn = harness.compiled(_backend_table().reference)
+    from dspark_kernels.ops.schedule_verify import OP
+
+    fn = harness.compiled(OP.impls.reference)
     mode = case.params["mode"]
 
     def call(x: dict):
-        return fn(x["survival"], x["sps"], mode, x["history"], None, None)
+        return fn(OP.record(**x, mode=mode))
 
     return call
 

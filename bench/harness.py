@@ -809,7 +809,7 @@ def public_op_provider(op_module: str, backend: str, call):
     def factory(case: Case):
         if backend != "reference":
             module = importlib.import_module(f"dspark_kernels.ops.{op_module}")
-            available_backend(module.BACKENDS, backend, case.params["device"])
+            available_backend(module.IMPLS, backend, case.params["device"])
         return lambda x: call(x, backend, case)
 
     return factory

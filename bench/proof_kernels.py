@@ -212,7 +212,7 @@ def main() -> int:
           flush=True)
     failures = ran = 0
     for name, module, call, low in VARIANTS:
-        backends = [b for b in module.BACKENDS.available(DEVICE.type) if b != "reference"]
+        backends = [b for b in module.IMPLS.available(DEVICE.type) if b != "reference"]
         if not backends:
             print(f"{name:42s} -        no compiled backend here", flush=True)
             continue

@@ -1,8 +1,9 @@
 // markov_draft: one step of Markov-head block drafting (DSpark eq. 4-7), the
-// CUDA twin of dspark_kernels/triton/markov_draft.py. The host loop over the
-// γ steps and the head input e_k (vanilla / gated / RNN) and confidence live
-// in the torch launcher (csrc/torch_bindings.cpp), as ATen ops identical to
-// the reference's.
+// CUDA twin of dspark_kernels/triton/markov_draft.py. The loop over the γ
+// steps, the head input e_k (vanilla / gated / RNN) and the confidence are
+// torch ops in Python, shared by every backend; the torch launchers in
+// csrc/torch_bindings.cpp run one step (dspark::markov_step_cuda) or the
+// final normalisation (dspark::markov_probs_cuda) per call.
 //
 // STATUS: compile-checked in CI (DSPARK_COMPILE_ONLY, sm_90a) and its per-
 // element math is run on the host by tests/test_cuda_host_math.py; the kernels

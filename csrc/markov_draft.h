@@ -21,7 +21,8 @@ inline int64_t markov_num_tiles(int64_t vocab) {
 
 // Step k of the block draft. Device pointers; strides in elements.
 struct MarkovStepArgs {
-  // U[:, k] as an [R, V] view of base_logits (any strides), dtype u_dtype.
+  // U[:, k] as an [R, V] view of base_logits (any strides), dtype u_dtype
+  // (fp32 / fp16 / bf16, as w2_dtype: dispatch_float in sampling.cuh).
   const void* u = nullptr;
   FloatType u_dtype = FloatType::kFloat32;
   int64_t stride_ur = 0, stride_uv = 0;
@@ -61,12 +62,15 @@ struct MarkovStepArgs {
 };
 
 // Tile kernel (grid: vocab tiles x request tiles) then reduce kernel (one
-// block per request) on `stream`. Requires vocab in [1, 2^31), step < 65536.
+// block per request) on `stream`. Requires vocab in [1, 2^31), step in
+// [0, 65536), at most 65535 request tiles (grid.y); returns
+// cudaErrorInvalidValue otherwise.
 cudaError_t markov_step_launch(const MarkovStepArgs& args, cudaStream_t stream);
 
 // draft_probs[r, k] = softmax(z[r, k] / T_r) (one-hot at tokens[r, k] for
 // greedy rows) from the stored z; logits and probs are contiguous [R, γ, V]
-// fp32, tokens contiguous [R, γ] int32, temperature [R] fp32.
+// fp32, tokens contiguous [R, γ] int32, temperature [R] fp32. Requires
+// R·γ < 2^31 (one block per row); returns cudaErrorInvalidValue otherwise.
 cudaError_t markov_probs_launch(const float* logits, float* probs, const float* temperature,
                                 const int32_t* tokens, int64_t num_req, int64_t gamma,
                                 int64_t vocab, cudaStream_t stream);

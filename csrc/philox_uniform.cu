@@ -38,6 +38,8 @@ __global__ void philox_uniform_kernel(const int64_t* __restrict__ seed,
 cudaError_t philox_uniform_launch(const int64_t* seed, const int64_t* offset, uint32_t stream,
                                   uint32_t position, int64_t rows, int64_t n, float* out,
                                   cudaStream_t cuda_stream) {
+  // rows is grid.y; n / 4 must fit the 32-bit Philox block counter.
+  if (rows < 0 || rows >= 65536 || n < 0 || n >= (int64_t{1} << 34)) return cudaErrorInvalidValue;
   if (rows == 0 || n == 0) return cudaSuccess;
   const int64_t groups = (n + 3) / 4;
   const dim3 grid(static_cast<unsigned>((groups + kThreads - 1) / kThreads),

@@ -87,13 +87,7 @@ __global__ void __launch_bounds__(kRowThreads) rs_row_stats_kernel(const Rejecti
   for (int64_t i = tid; i < vocab; i += nthreads) {
     best = argmax_combine(best, ArgMax{scaled(x, i, t), static_cast<int32_t>(i)});
   }
-  best = block_argmax(best);
-  RowStats st;
-  st.m = best.v;
-  st.amax = argmax_index(best.i, 0);
-  st.kth = neg_inf();
-  st.pthr = 0.f;
-  st.z2 = 1.f;
+  RowStats st = row_stats_from_max(block_argmax(best));
 
   // Greedy rows only need the argmax (the chain kernel reads nothing else),
   // so they skip the bisections; the values stored for them are unused.

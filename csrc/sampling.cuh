@@ -248,6 +248,13 @@ __host__ __device__ __forceinline__ float target_prob(float z, const RowStats& s
   return target_prob(z, st.m, st.s, st.kth, st.pthr, st.z2);
 }
 
+// Statistics after the max pass (best = first argmax of z over the row),
+// before any filter: kth = -inf, pthr = 0 and z2 = 1 keep every token; the
+// top-k / top-p passes then set kth, s, pthr and z2.
+__host__ __device__ __forceinline__ RowStats row_stats_from_max(ArgMax best) {
+  return RowStats{best.v, 0.f, neg_inf(), 0.f, 1.f, argmax_index(best.i, 0)};
+}
+
 // Statistics a row gets when it is never sampled from (padding rows past
 // cu_verify[R]); harmless values, so inconsistent inputs read defined data.
 __host__ __device__ __forceinline__ RowStats padding_row_stats() {
@@ -444,7 +451,8 @@ __device__ __forceinline__ ArgMaxZ warp_argmax(ArgMaxZ v) { return warp_allreduc
 #endif  // __CUDACC__
 
 // Calls f with a value of the C++ type that t names (templated kernels pick
-// their load type from it).
+// their load type from it). The sampling kernels are instantiated for fp32,
+// fp16 and bf16 only: kFloat64 gives cudaErrorInvalidValue.
 template <typename F>
 cudaError_t dispatch_float(FloatType t, F&& f) {
   switch (t) {
@@ -454,6 +462,8 @@ cudaError_t dispatch_float(FloatType t, F&& f) {
       return f(__half{});
     case FloatType::kBFloat16:
       return f(__nv_bfloat16{});
+    case FloatType::kFloat64:
+      break;
   }
   return cudaErrorInvalidValue;
 }

@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   for (int pass = a.async_mode ? 0 : 1; pass < 2; ++pass) {
     const bool hist = pass == 0;
     const void* values = hist ? a.history : a.survival;
-    const ScheduleFloat dtype = hist ? a.history_dtype : a.survival_dtype;
+    const FloatType dtype = hist ? a.history_dtype : a.survival_dtype;
     const int64_t sr = hist ? a.stride_hr : a.stride_sr;
     const int64_t sj = hist ? a.stride_hj : a.stride_sj;
 

@@ -30,6 +30,8 @@
 
 #include <cstdint>
 
+#include "float_type.h"
+
 namespace dspark {
 
 // One thread block sorts every candidate: R·γ is bounded by what one block
@@ -37,22 +39,20 @@ namespace dspark {
 // the sort exchange). The Triton kernel shares the bound (MAX_CANDIDATES).
 constexpr int64_t kScheduleMaxCandidates = 16384;
 
-// Element type of survival / history / sps (sps: kFloat32 or kFloat64 only).
-enum class ScheduleFloat : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-
 // All pointers are device pointers; strides are in elements (any strides).
 // Optional inputs are nullptr when absent.
 struct ScheduleVerifyArgs {
-  // survival [R, γ]; history [R, γ] (read only when async_mode).
+  // survival [R, γ]; history [R, γ] (read only when async_mode). Every
+  // FloatType is read (load_f32), for these and for sps.
   const void* survival = nullptr;
-  ScheduleFloat survival_dtype = ScheduleFloat::kFloat32;
+  FloatType survival_dtype = FloatType::kFloat32;
   int64_t stride_sr = 0, stride_sj = 0;
   const void* history = nullptr;
-  ScheduleFloat history_dtype = ScheduleFloat::kFloat32;
+  FloatType history_dtype = FloatType::kFloat32;
   int64_t stride_hr = 0, stride_hj = 0;
-  // sps [sps_len] steps per second for a verify batch of B tokens (fp32 or fp64).
+  // sps [sps_len] steps per second for a verify batch of B tokens (the op passes fp32 or fp64).
   const void* sps = nullptr;
-  ScheduleFloat sps_dtype = ScheduleFloat::kFloat32;
+  FloatType sps_dtype = FloatType::kFloat32;
   int64_t sps_len = 0, stride_sps = 0;
   // max_len [R] int32 or int64 | nullptr; active [R] bool (one byte) | nullptr.
   const void* max_len = nullptr;
@@ -167,15 +167,15 @@ __host__ __device__ __forceinline__ float f64_to_f32(double x) {
 
 // Element i of a float tensor as fp32, rounded as torch's .float() does
 // (fp16 / bf16 widen exactly, fp64 rounds to nearest).
-__host__ __device__ __forceinline__ float load_f32(const void* p, ScheduleFloat t, int64_t i) {
+__host__ __device__ __forceinline__ float load_f32(const void* p, FloatType t, int64_t i) {
   switch (t) {
-    case ScheduleFloat::kFloat16:
+    case FloatType::kFloat16:
       return __half2float(static_cast<const __half*>(p)[i]);
-    case ScheduleFloat::kBFloat16: {
+    case FloatType::kBFloat16: {
       const uint16_t b = static_cast<const uint16_t*>(p)[i];
       return bits_as_float(static_cast<int32_t>(static_cast<uint32_t>(b) << 16));
     }
-    case ScheduleFloat::kFloat64:
+    case FloatType::kFloat64:
       return f64_to_f32(static_cast<const double*>(p)[i]);
     default:
       return static_cast<const float*>(p)[i];
@@ -221,7 +221,7 @@ __host__ __device__ __forceinline__ float hi_value(uint32_t hi) {
 
 // Image of candidate (r, j) of `values` (survival or history).
 __host__ __device__ __forceinline__ uint32_t candidate_hi(const ScheduleVerifyArgs& a, const void* values,
-                                                          ScheduleFloat dtype, int64_t stride_r,
+                                                          FloatType dtype, int64_t stride_r,
                                                           int64_t stride_j, int64_t r, int64_t j) {
   const bool valid = is_active(a, r) && j < cap_of(a, r);
   return order_hi(load_f32(values, dtype, r * stride_r + j * stride_j), valid);
@@ -230,7 +230,7 @@ __host__ __device__ __forceinline__ uint32_t candidate_hi(const ScheduleVerifyAr
 // Image of lane `lane` of the blocked arrangement: lanes >= n are padding,
 // invalid (-inf) with flat index >= n, so they sort after every real candidate.
 __host__ __device__ __forceinline__ uint32_t lane_hi(const ScheduleVerifyArgs& a, const void* values,
-                                                     ScheduleFloat dtype, int64_t stride_r,
+                                                     FloatType dtype, int64_t stride_r,
                                                      int64_t stride_j, int64_t lane) {
   if (lane >= a.num_req * a.gamma) return order_hi(0.0f, false);
   const int64_t r = lane / a.gamma;

@@ -1,113 +1,69 @@
 // Thin torch launchers: check tensors, pick the current stream, call the
 // torch-free launchers in csrc/*.cu. Schemas are defined in Python
 // (dspark_kernels/ops/*.py); this file only adds CUDA implementations.
+//
+// These ops are internal: the Python layer validates and names every
+// argument before it calls them. The checks here (csrc/torch_checks.h) are
+// only those that keep the kernels inside their buffers; each says what it
+// protects. Inputs are adapted rather than rejected where that is cheap and
+// safe (small per-request vectors converted to the dtype the kernel reads,
+// a copy where the kernel needs a unit stride); outputs the caller passes in
+// are checked, since a copy would lose the kernel's writes.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "philox_uniform.h"
-#include <ATen/ops/cat.h>
-#include <ATen/ops/zeros.h>
-
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
+#include "float_type.h"
 #include "markov_draft.h"
+#include "philox_uniform.h"
 #include "rejection_sample.h"
+#include "schedule_verify.h"
+#include "torch_checks.h"
 
 namespace {
 
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
+using dspark::FloatType;
+using namespace dspark::checks;  // the launchers' checks (torch_checks.h)
 
-at::Tensor philox_uniform_cuda(const at::Tensor& seed, const at::Tensor& offset, int64_t stream,
-                               int64_t position, int64_t n) {
-  TORCH_CHECK(seed.is_cuda() && seed.dim() == 1 && seed.scalar_type() == at::kLong,
-              "seed must be a 1-d int64 CUDA tensor");
-  TORCH_CHECK(offset.is_cuda() && offset.numel() == 1 && offset.scalar_type() == at::kLong,
-              "offset must be a one-element int64 CUDA tensor");
-  TORCH_CHECK(seed.size(0) < 65536, "seed may hold at most 65535 rows");
-  TORCH_CHECK(0 <= stream && stream < 65536 && 0 <= position && position < 65536,
-              "stream and position must be in [0, 65536)");
-  TORCH_CHECK(0 <= n && n < (int64_t{1} << 34), "n must be in [0, 2^34)");
-  const c10::cuda::CUDAGuard guard(seed.device());
-  const at::Tensor seed_c = seed.contiguous();
-  at::Tensor out = at::empty({seed.size(0), n}, seed.options().dtype(at::kFloat));
-  check_cuda(dspark::philox_uniform_launch(seed_c.data_ptr<int64_t>(), offset.data_ptr<int64_t>(),
-                                           static_cast<uint32_t>(stream),
-                                           static_cast<uint32_t>(position), seed.size(0), n,
-                                           out.data_ptr<float>(),
-                                           c10::cuda::getCurrentCUDAStream().stream()),
-             "philox_uniform kernel launch");
-  return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dspark, CUDA, m) { m.impl("philox_uniform_cuda", &philox_uniform_cuda); }
-
-// ---------------------------------------------------------------------------
-// rejection_sample and markov_draft (csrc/rejection_sample.cu, csrc/markov_draft.cu).
-// Schemas: dspark::rejection_sample_cuda / dspark::markov_draft_cuda, defined
-// in dspark_kernels/ops/rejection_sample.py and ops/markov_draft.py.
-// ---------------------------------------------------------------------------
-namespace {
-
-dspark::FloatType float_type_of(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return dspark::FloatType::kFloat32;
-    case at::kHalf:
-      return dspark::FloatType::kFloat16;
-    case at::kBFloat16:
-      return dspark::FloatType::kBFloat16;
-    default:
-      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
-
-void check_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " must be a CUDA tensor on ",
-              ref.device(), ", got ", t.device());
-}
-
-void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-void check_int(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
-              " must be int32 or int64, got ", t.scalar_type());
-}
-
-void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
-              t.scalar_type());
-}
-
-// Per-request temperature [R] float and seed [R] int64, and the one-element
-// int64 offset, on ref's device: the RNG state every sampling op takes.
-void check_sampling_state(const at::Tensor& temperature, const at::Tensor& seed, const at::Tensor& offset,
-                          const at::Tensor& ref, int64_t num_req) {
-  check_device(temperature, ref, "temperature");
-  check_float(temperature, "temperature");
-  check_shape(temperature, {num_req}, "temperature");
-  check_device(seed, ref, "seed");
-  TORCH_CHECK(seed.scalar_type() == at::kLong, "seed must be int64");
-  check_shape(seed, {num_req}, "seed");
-  check_device(offset, ref, "offset");
-  TORCH_CHECK(offset.scalar_type() == at::kLong && offset.numel() == 1,
-              "offset must be a one-element int64 tensor");
-}
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // A [.., V] tensor whose last dimension has unit stride (copied only if not).
 at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
+// ---------------------------------------------------------------------------
+// philox_uniform (csrc/philox_uniform.cu). stream and position only select
+// Philox counters (no memory): their ranges are Python's to check.
+// ---------------------------------------------------------------------------
+at::Tensor philox_uniform_cuda(const at::Tensor& seed, const at::Tensor& offset, int64_t stream,
+                               int64_t position, int64_t n) {
+  check_cuda(seed, "seed");  // the kernel runs on seed's device
+  check_philox_state(seed, offset, seed);
+  const c10::cuda::CUDAGuard guard(seed.device());
+  const at::Tensor seed_c = seed.contiguous();
+  at::Tensor out = at::empty({seed.size(0), n}, seed.options().dtype(at::kFloat));
+  check_launch(dspark::philox_uniform_launch(seed_c.data_ptr<int64_t>(), offset.data_ptr<int64_t>(),
+                                             static_cast<uint32_t>(stream),
+                                             static_cast<uint32_t>(position), seed.size(0), n,
+                                             out.data_ptr<float>(), current_stream()),
+               "philox_uniform");
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// rejection_sample (csrc/rejection_sample.cu). The kernels clamp draft ids
+// into [0, V) and cu_verify rows into the target rows, so values need no
+// check; the draft mode follows from which optional tensors are given
+// (draft_probs first, then draft_logits), so no combination reads a
+// missing tensor.
+// ---------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const at::Tensor& target_logits, const at::Tensor& draft_tokens,
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& lengths,
@@ -116,32 +72,22 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& draft_token_probs,
     const std::optional<at::Tensor>& draft_logits,
     const std::optional<at::Tensor>& draft_temperature) {
-  TORCH_CHECK(target_logits.is_cuda() && target_logits.dim() == 2,
-              "target_logits must be a 2-d CUDA tensor");
+  // target_logits [T, V] (any row stride): bounds every row and vocab index.
+  const FloatType target_dtype = check_reference(target_logits, 2, "target_logits", kSamplingFloats);
   const at::Tensor& ref = target_logits;
-  const dspark::FloatType target_dtype = float_type_of(target_logits, "target_logits");
   const int64_t num_rows = target_logits.size(0);
   const int64_t vocab = target_logits.size(1);
-  TORCH_CHECK(vocab >= 1 && vocab < (int64_t{1} << 31), "vocab size must be in [1, 2^31)");
-  TORCH_CHECK(num_rows < (int64_t{1} << 31), "target_logits may have at most 2^31 - 1 rows");
+  // draft_tokens [R, γ] gives R and γ, the sizes of every per-request read below.
   check_device(draft_tokens, ref, "draft_tokens");
-  TORCH_CHECK(draft_tokens.dim() == 2, "draft_tokens must be 2-d [R, gamma]");
-  check_int(draft_tokens, "draft_tokens");
+  check_dim(draft_tokens, 2, "draft_tokens");
   const int64_t num_req = draft_tokens.size(0);
   const int64_t gamma = draft_tokens.size(1);
-  TORCH_CHECK(gamma < 65535, "at most 65534 drafts per request");
-  TORCH_CHECK(num_req < (int64_t{1} << 31), "too many requests");
+  // Read at r < R (lengths, temperature, seed) and r <= R (cu_verify).
   check_device(lengths, ref, "lengths");
-  check_int(lengths, "lengths");
   check_shape(lengths, {num_req}, "lengths");
   check_device(cu_verify, ref, "cu_verify");
-  check_int(cu_verify, "cu_verify");
   check_shape(cu_verify, {num_req + 1}, "cu_verify");
   check_sampling_state(temperature, seed, offset, ref, num_req);
-  TORCH_CHECK(!(draft_probs.has_value() && (draft_logits.has_value() || draft_token_probs.has_value())),
-              "give either draft_probs or the draft_token_probs/draft_logits pair, not both");
-  TORCH_CHECK(!draft_token_probs.has_value() || draft_logits.has_value(),
-              "draft_token_probs needs draft_logits");
 
   const c10::cuda::CUDAGuard guard(target_logits.device());
   const auto i32 = target_logits.options().dtype(at::kInt);
@@ -165,26 +111,27 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   a.stride_dr = drafts.stride(0);
   a.stride_dj = drafts.stride(1);
 
+  // Draft tensors are read at [r, j, v] / [r, j] for r < R, j < γ, v < V,
+  // with the given row strides and a unit vocab stride.
+  const auto draft_rows = [&](const at::Tensor& t, const char* name) {
+    check_device(t, ref, name);
+    check_shape(t, {num_req, gamma, vocab}, name);
+    a.draft_dtype = float_type_of(t, name, kSamplingFloats);
+    return unit_last_stride(t);
+  };
   at::Tensor dprobs, dlogits, dtp, dtemp;
   if (draft_probs.has_value()) {
-    check_device(*draft_probs, ref, "draft_probs");
-    check_shape(*draft_probs, {num_req, gamma, vocab}, "draft_probs");
-    a.draft_dtype = float_type_of(*draft_probs, "draft_probs");
-    dprobs = unit_last_stride(*draft_probs);
+    dprobs = draft_rows(*draft_probs, "draft_probs");
     a.draft_probs = dprobs.data_ptr();
     a.stride_pr = dprobs.stride(0);
     a.stride_pj = dprobs.stride(1);
   } else if (draft_logits.has_value()) {
-    check_device(*draft_logits, ref, "draft_logits");
-    check_shape(*draft_logits, {num_req, gamma, vocab}, "draft_logits");
-    a.draft_dtype = float_type_of(*draft_logits, "draft_logits");
-    dlogits = unit_last_stride(*draft_logits);
+    dlogits = draft_rows(*draft_logits, "draft_logits");
     a.draft_logits = dlogits.data_ptr();
     a.stride_gr = dlogits.stride(0);
     a.stride_gj = dlogits.stride(1);
     if (draft_token_probs.has_value()) {
       check_device(*draft_token_probs, ref, "draft_token_probs");
-      check_float(*draft_token_probs, "draft_token_probs");
       check_shape(*draft_token_probs, {num_req, gamma}, "draft_token_probs");
       dtp = draft_token_probs->to(at::kFloat);
       a.draft_token_probs = dtp.data_ptr<float>();
@@ -193,7 +140,6 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     }
     const at::Tensor& td = draft_temperature.has_value() ? *draft_temperature : temperature;
     check_device(td, ref, "draft_temperature");
-    check_float(td, "draft_temperature");
     check_shape(td, {num_req}, "draft_temperature");
     dtemp = td.to(at::kFloat).contiguous();
     a.draft_temperature = dtemp.data_ptr<float>();
@@ -208,17 +154,16 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   a.temperature = temp.data_ptr<float>();
   a.seed = seed_c.data_ptr<int64_t>();
   a.offset = offset.data_ptr<int64_t>();
+  // Read at r < R.
   at::Tensor topk64, topp32;
   if (top_k.has_value()) {
     check_device(*top_k, ref, "top_k");
-    check_int(*top_k, "top_k");
     check_shape(*top_k, {num_req}, "top_k");
     topk64 = top_k->to(at::kLong).contiguous();
     a.top_k = topk64.data_ptr<int64_t>();
   }
   if (top_p.has_value()) {
     check_device(*top_p, ref, "top_p");
-    check_float(*top_p, "top_p");
     check_shape(*top_p, {num_req}, "top_p");
     topp32 = top_p->to(at::kFloat).contiguous();
     a.top_p = topp32.data_ptr<float>();
@@ -231,87 +176,73 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   a.tokens = tokens.data_ptr<int32_t>();
   a.stride_out = tokens.stride(0);
   a.num_accepted = num_accepted.data_ptr<int32_t>();
-  check_cuda(dspark::rejection_sample_launch(a, c10::cuda::getCurrentCUDAStream().stream()),
-             "rejection_sample kernel launch");
+  check_launch(dspark::rejection_sample_launch(a, current_stream()), "rejection_sample");
   return {tokens, num_accepted};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-markov_draft_cuda(const at::Tensor& base_logits, const at::Tensor& anchor, const at::Tensor& w1,
-                  const at::Tensor& w2, const at::Tensor& temperature, const at::Tensor& seed,
-                  const at::Tensor& offset, const std::optional<at::Tensor>& hidden,
-                  const std::optional<at::Tensor>& conf_weight,
-                  const std::optional<at::Tensor>& conf_bias,
-                  const std::optional<at::Tensor>& sts_temperature,
-                  const std::optional<at::Tensor>& gate_weight,
-                  const std::optional<at::Tensor>& gate_bias,
-                  const std::optional<at::Tensor>& rnn_weight,
-                  const std::optional<at::Tensor>& rnn_bias, bool return_draft_probs,
-                  bool return_draft_logits) {
-  TORCH_CHECK(base_logits.is_cuda() && base_logits.dim() == 3,
-              "base_logits must be a 3-d CUDA tensor [R, gamma, V]");
-  const at::Tensor& ref = base_logits;
-  const dspark::FloatType u_dtype = float_type_of(base_logits, "base_logits");
-  const int64_t num_req = base_logits.size(0);
-  const int64_t gamma = base_logits.size(1);
-  const int64_t vocab = base_logits.size(2);
-  TORCH_CHECK(vocab >= 1 && vocab < (int64_t{1} << 31), "vocab size must be in [1, 2^31)");
-  TORCH_CHECK(gamma < 65536, "at most 65535 draft positions");
-  check_device(anchor, ref, "anchor");
-  check_int(anchor, "anchor");
-  check_shape(anchor, {num_req}, "anchor");
-  check_device(w1, ref, "w1");
-  check_device(w2, ref, "w2");
-  TORCH_CHECK(w1.dim() == 2 && w1.size(0) == vocab, "w1 must be [V, r]");
-  const int64_t rank = w1.size(1);
+// ---------------------------------------------------------------------------
+// markov_draft (csrc/markov_draft.cu): one draft step per call, and the final
+// draft_probs normalisation. The step loop, head input e_k and confidence are
+// Python's (shared by every backend).
+// ---------------------------------------------------------------------------
+
+// Step k: tokens[:, step] = x_k, token_probs[:, step] = p_d(x_k), and z_k
+// into logits unless logits is empty.
+void markov_step_cuda(const at::Tensor& u, const at::Tensor& e, const at::Tensor& w2,
+                      const at::Tensor& temperature, const at::Tensor& seed, const at::Tensor& offset,
+                      const at::Tensor& tokens, const at::Tensor& token_probs, const at::Tensor& logits,
+                      int64_t step) {
+  // u = base_logits[:, k], [R, V] with any strides: bounds every request and vocab index.
+  const FloatType u_dtype = check_reference(u, 2, "u", kSamplingFloats);
+  const int64_t num_req = u.size(0);
+  const int64_t vocab = u.size(1);
+  // e [R, r] gives the rank the tile kernel reads of e and w2.
+  check_device(e, u, "e");
+  check_dim(e, 2, "e");
+  const int64_t rank = e.size(1);
+  check_shape(e, {num_req, rank}, "e");
+  // w2 [V, r], any strides, cast like u.
+  check_device(w2, u, "w2");
   check_shape(w2, {vocab, rank}, "w2");
-  const dspark::FloatType w2_dtype = float_type_of(w2, "w2");
-  float_type_of(w1, "w1");
-  check_sampling_state(temperature, seed, offset, ref, num_req);
-  const std::optional<at::Tensor>* optionals[] = {&hidden,     &conf_weight, &conf_bias,
-                                                  &sts_temperature, &gate_weight, &gate_bias,
-                                                  &rnn_weight, &rnn_bias};
-  for (const auto* opt : optionals) {
-    if (opt->has_value()) check_device(**opt, ref, "markov_draft weights and hidden");
-  }
-  TORCH_CHECK(!(gate_weight.has_value() && rnn_weight.has_value()),
-              "give gate_weight (gated head) or rnn_weight (RNN head), not both");
-  TORCH_CHECK(hidden.has_value() || !(gate_weight.has_value() || conf_weight.has_value()),
-              "the gated and confidence heads need hidden");
-  if (hidden.has_value()) {
-    TORCH_CHECK(hidden->dim() == 3 && hidden->size(0) == num_req && hidden->size(1) == gamma,
-                "hidden must be [R, gamma, d]");
+  const FloatType w2_dtype = float_type_of(w2, "w2", kSamplingFloats);
+  check_sampling_state(temperature, seed, offset, u, num_req);
+  // Outputs, written at [r, step] for r < R with unit column stride (the
+  // kernel's index is r * stride + step).
+  check_device(tokens, u, "tokens");
+  check_dtype(tokens, at::kInt, "tokens");
+  check_dim(tokens, 2, "tokens");
+  const int64_t gamma = tokens.size(1);
+  check_shape(tokens, {num_req, gamma}, "tokens");
+  check_unit_stride(tokens, 1, "tokens");
+  check_device(token_probs, u, "token_probs");
+  check_dtype(token_probs, at::kFloat, "token_probs");
+  check_shape(token_probs, {num_req, gamma}, "token_probs");
+  check_unit_stride(token_probs, 1, "token_probs");
+  TORCH_CHECK(0 <= step && step < gamma, "step must index a column of tokens: in [0, ", gamma,
+              "), got ", step);
+  // z store: written at [r, v] for r < R, v < V, any strides.
+  const bool store_z = logits.numel() != 0;
+  if (store_z) {
+    check_device(logits, u, "logits");
+    check_dtype(logits, at::kFloat, "logits");
+    check_shape(logits, {num_req, vocab}, "logits");
   }
 
-  const c10::cuda::CUDAGuard guard(base_logits.device());
-  const auto f32 = base_logits.options().dtype(at::kFloat);
-  const auto i32 = base_logits.options().dtype(at::kInt);
-  at::Tensor tokens = at::empty({num_req, gamma}, i32);
-  at::Tensor token_probs = at::empty({num_req, gamma}, f32);
-  const bool with_conf = conf_weight.has_value();
-  at::Tensor confidence = with_conf ? at::empty({num_req, gamma}, f32) : at::empty({0}, f32);
-  // z is needed after the loop for draft_probs even when draft_logits was not asked for.
-  const bool keep_z = return_draft_logits || return_draft_probs;
-  at::Tensor draft_logits = keep_z ? at::empty({num_req, gamma, vocab}, f32) : at::empty({0}, f32);
-  at::Tensor draft_probs =
-      return_draft_probs ? at::empty({num_req, gamma, vocab}, f32) : at::empty({0}, f32);
-  auto finish = [&]() {
-    at::Tensor survival = with_conf ? confidence.cumprod(1) : at::empty({0}, f32);
-    return std::make_tuple(tokens, token_probs, confidence, survival, draft_probs,
-                           return_draft_logits ? draft_logits : at::empty({0}, f32));
-  };
-  if (num_req == 0 || gamma == 0) return finish();
-
+  const c10::cuda::CUDAGuard guard(u.device());
+  const at::Tensor e32 = unit_last_stride(e.to(at::kFloat));
   const at::Tensor temp = temperature.to(at::kFloat).contiguous();
   const at::Tensor seed_c = seed.contiguous();
-  const int64_t num_tiles = dspark::markov_num_tiles(vocab);
-  const int64_t part = num_req * num_tiles;
-  const at::Tensor fparts = at::empty({5 * part}, f32);
-  const at::Tensor iparts = at::empty({2 * part}, i32);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t part = num_req * dspark::markov_num_tiles(vocab);
+  const at::Tensor fparts = at::empty({5 * part}, u.options().dtype(at::kFloat));
+  const at::Tensor iparts = at::empty({2 * part}, u.options().dtype(at::kInt));
 
   dspark::MarkovStepArgs a;
+  a.u = u.data_ptr();
   a.u_dtype = u_dtype;
+  a.stride_ur = u.stride(0);
+  a.stride_uv = u.stride(1);
+  a.e = e32.data_ptr<float>();
+  a.stride_er = e32.stride(0);
   a.w2 = w2.data_ptr();
   a.w2_dtype = w2_dtype;
   a.stride_w2v = w2.stride(0);
@@ -328,6 +259,11 @@ markov_draft_cuda(const at::Tensor& base_logits, const at::Tensor& anchor, const
   a.part_gmax = fp + 4 * part;
   a.part_arg = ip;
   a.part_garg = ip + part;
+  if (store_z) {
+    a.logits_out = logits.data_ptr<float>();
+    a.stride_lr = logits.stride(0);
+    a.stride_lv = logits.stride(1);
+  }
   a.tokens = tokens.data_ptr<int32_t>();
   a.stride_tr = tokens.stride(0);
   a.token_probs = token_probs.data_ptr<float>();
@@ -335,156 +271,97 @@ markov_draft_cuda(const at::Tensor& base_logits, const at::Tensor& anchor, const
   a.num_req = num_req;
   a.vocab = vocab;
   a.rank = rank;
-
-  // Head input e_k and confidence c_k: the reference's torch ops (O(R·r·d) per step).
-  at::Tensor prev = anchor.to(at::kLong);
-  at::Tensor state = rnn_weight.has_value() ? at::zeros({num_req, rank}, f32) : at::Tensor();
-  for (int64_t k = 0; k < gamma; ++k) {
-    const at::Tensor emb = w1.index_select(0, prev).to(at::kFloat);
-    at::Tensor e;
-    if (gate_weight.has_value()) {
-      at::Tensor x = at::cat({hidden->select(1, k).to(at::kFloat), emb}, -1)
-                         .matmul(gate_weight->to(at::kFloat).t());
-      if (gate_bias.has_value()) x = x.add(gate_bias->to(at::kFloat));
-      e = x.sigmoid().mul(emb);
-    } else if (rnn_weight.has_value()) {
-      at::Tensor x = at::cat({emb, state}, -1).matmul(rnn_weight->to(at::kFloat).t());
-      if (rnn_bias.has_value()) x = x.add(rnn_bias->to(at::kFloat));
-      state = x.tanh();
-      e = state;
-    } else {
-      e = emb;
-    }
-    e = e.contiguous();
-    if (with_conf) {
-      at::Tensor logit_c = at::cat({hidden->select(1, k).to(at::kFloat), emb}, -1)
-                               .matmul(conf_weight->to(at::kFloat));
-      if (conf_bias.has_value()) logit_c = logit_c.add(conf_bias->to(at::kFloat).reshape({}));
-      if (sts_temperature.has_value()) {
-        logit_c = logit_c.div(sts_temperature->select(0, k).to(at::kFloat));
-      }
-      confidence.select(1, k).copy_(logit_c.sigmoid());
-    }
-    const at::Tensor u = base_logits.select(1, k);
-    a.u = u.data_ptr();
-    a.stride_ur = u.stride(0);
-    a.stride_uv = u.stride(1);
-    a.e = e.data_ptr<float>();
-    a.stride_er = e.stride(0);
-    if (keep_z) {
-      const at::Tensor zk = draft_logits.select(1, k);
-      a.logits_out = zk.data_ptr<float>();
-      a.stride_lr = zk.stride(0);
-      a.stride_lv = zk.stride(1);
-    }
-    a.step = static_cast<int32_t>(k);
-    check_cuda(dspark::markov_step_launch(a, stream), "markov_draft step kernel launch");
-    prev = tokens.select(1, k).to(at::kLong);
-  }
-  if (return_draft_probs) {
-    check_cuda(dspark::markov_probs_launch(draft_logits.data_ptr<float>(),
-                                           draft_probs.data_ptr<float>(), temp.data_ptr<float>(),
-                                           tokens.data_ptr<int32_t>(), num_req, gamma, vocab,
-                                           stream),
-               "markov_draft probs kernel launch");
-  }
-  return finish();
+  a.step = static_cast<int32_t>(step);
+  check_launch(dspark::markov_step_launch(a, current_stream()), "markov_draft step");
 }
 
-}  // namespace
+// probs[r, k] = softmax(logits[r, k] / T_r) (one-hot at tokens[r, k] for greedy rows).
+void markov_probs_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& tokens,
+                       const at::Tensor& probs) {
+  // logits [R, γ, V]: its device runs the kernel, its sizes bound every
+  // index; read as contiguous fp32.
+  check_cuda(logits, "logits");
+  check_dim(logits, 3, "logits");
+  const int64_t num_req = logits.size(0);
+  const int64_t gamma = logits.size(1);
+  const int64_t vocab = logits.size(2);
+  // Read at r < R and at [r, k] (contiguous after conversion).
+  check_device(temperature, logits, "temperature");
+  check_shape(temperature, {num_req}, "temperature");
+  check_device(tokens, logits, "tokens");
+  check_shape(tokens, {num_req, gamma}, "tokens");
+  // Output, written as contiguous fp32 [R, γ, V].
+  check_device(probs, logits, "probs");
+  check_dtype(probs, at::kFloat, "probs");
+  check_shape(probs, {num_req, gamma, vocab}, "probs");
+  TORCH_CHECK(probs.is_contiguous(), "probs must be contiguous, got strides ", probs.strides());
 
-TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
-  m.impl("rejection_sample_cuda", &rejection_sample_cuda);
-  m.impl("markov_draft_cuda", &markov_draft_cuda);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor z = logits.to(at::kFloat).contiguous();
+  const at::Tensor temp = temperature.to(at::kFloat).contiguous();
+  const at::Tensor tok = tokens.to(at::kInt).contiguous();
+  check_launch(dspark::markov_probs_launch(z.data_ptr<float>(), probs.data_ptr<float>(),
+                                           temp.data_ptr<float>(), tok.data_ptr<int32_t>(), num_req,
+                                           gamma, vocab, current_stream()),
+               "markov_draft probs");
 }
 
 // ---------------------------------------------------------------------------
-// schedule_verify (csrc/schedule_verify.cu). Schema dspark::schedule_verify_cuda,
-// defined in dspark_kernels/ops/schedule_verify.py. Inputs are read in place
-// (any strides, fp16/bf16/fp32/fp64 survival): the only allocations are the
-// four outputs, so the op is capturable in a CUDA graph.
+// schedule_verify (csrc/schedule_verify.cu). Inputs are read in place (any
+// strides, every FloatType): the only allocations are the four outputs, so
+// the op is capturable in a CUDA graph. A mode other than "async" runs the
+// causal schedule (Python checks the name); the launcher rejects async
+// without history and batches over kScheduleMaxCandidates.
 // ---------------------------------------------------------------------------
-#include "schedule_verify.h"
-
-namespace {
-
-dspark::ScheduleFloat schedule_float_of(const at::Tensor& t, const char* name, bool allow_half) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return dspark::ScheduleFloat::kFloat32;
-    case at::kDouble:
-      return dspark::ScheduleFloat::kFloat64;
-    case at::kHalf:
-      if (allow_half) return dspark::ScheduleFloat::kFloat16;
-      break;
-    case at::kBFloat16:
-      if (allow_half) return dspark::ScheduleFloat::kBFloat16;
-      break;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, name, allow_half ? " must be float32, float16, bfloat16 or float64, got "
-                                      : " must be float32 or float64, got ",
-              t.scalar_type());
-}
-
-void schedule_check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " must be a CUDA tensor on ",
-              ref.device(), ", got ", t.device());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> schedule_verify_cuda(
     const at::Tensor& survival, const at::Tensor& sps, c10::string_view mode,
     const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& max_len,
     const std::optional<at::Tensor>& active) {
-  TORCH_CHECK(survival.is_cuda() && survival.dim() == 2, "survival must be a 2-d CUDA tensor [R, gamma]");
+  // survival [R, γ] with any strides: bounds every candidate index.
+  const FloatType survival_dtype = check_reference(survival, 2, "survival", kAnyFloat);
   const bool is_async = mode == "async";
-  TORCH_CHECK(is_async || mode == "causal", "mode must be 'causal' or 'async', got '", mode, "'");
   const int64_t num_req = survival.size(0);
   const int64_t gamma = survival.size(1);
-  TORCH_CHECK(num_req * gamma <= dspark::kScheduleMaxCandidates,
-              "the CUDA schedule_verify sorts every candidate in one thread block: at most R*gamma = ",
-              dspark::kScheduleMaxCandidates, " candidates, got R*gamma = ", num_req, "*", gamma, " = ",
-              num_req * gamma, " (use backend='reference' for larger batches)");
-  TORCH_CHECK(num_req * (gamma + 1) < (int64_t{1} << 31), "R*(gamma+1) must be below 2^31 (int32 cu_verify)");
-  schedule_check_same_device(sps, survival, "sps");
-  TORCH_CHECK(sps.dim() == 1 && sps.size(0) >= 1, "sps must be a non-empty 1-d tensor");
+  // sps: read at min(b, len - 1) * stride (the launcher requires len >= 1).
+  check_device(sps, survival, "sps");
+  check_dim(sps, 1, "sps");
 
   dspark::ScheduleVerifyArgs a;
   a.survival = survival.data_ptr();
-  a.survival_dtype = schedule_float_of(survival, "survival", true);
+  a.survival_dtype = survival_dtype;
   a.stride_sr = survival.stride(0);
   a.stride_sj = survival.stride(1);
   a.sps = sps.data_ptr();
-  a.sps_dtype = schedule_float_of(sps, "sps", false);
+  a.sps_dtype = float_type_of(sps, "sps", kAnyFloat);
   a.sps_len = sps.size(0);
   a.stride_sps = sps.stride(0);
   a.num_req = num_req;
   a.gamma = gamma;
   a.async_mode = is_async;
-  if (is_async) {
-    TORCH_CHECK(history.has_value(), "mode='async' needs history (the survival of two steps earlier)");
-    schedule_check_same_device(*history, survival, "history");
-    TORCH_CHECK(history->sizes() == survival.sizes(), "history must have shape ", survival.sizes(), ", got ",
-                history->sizes());
+  // history: read like survival, in async mode only.
+  if (is_async && history.has_value()) {
+    check_device(*history, survival, "history");
+    check_shape(*history, survival.sizes(), "history");
     a.history = history->data_ptr();
-    a.history_dtype = schedule_float_of(*history, "history", true);
+    a.history_dtype = float_type_of(*history, "history", kAnyFloat);
     a.stride_hr = history->stride(0);
     a.stride_hj = history->stride(1);
   }
+  // max_len: read at r < R as 4 or 8 bytes by its dtype.
   if (max_len.has_value()) {
-    schedule_check_same_device(*max_len, survival, "max_len");
-    TORCH_CHECK(max_len->dim() == 1 && max_len->size(0) == num_req, "max_len must have shape [", num_req, "]");
+    check_device(*max_len, survival, "max_len");
+    check_shape(*max_len, {num_req}, "max_len");
     TORCH_CHECK(max_len->scalar_type() == at::kInt || max_len->scalar_type() == at::kLong,
                 "max_len must be int32 or int64, got ", max_len->scalar_type());
     a.max_len = max_len->data_ptr();
     a.max_len_int64 = max_len->scalar_type() == at::kLong;
     a.stride_ml = max_len->stride(0);
   }
+  // active: read at r < R as one byte.
   if (active.has_value()) {
-    schedule_check_same_device(*active, survival, "active");
-    TORCH_CHECK(active->dim() == 1 && active->size(0) == num_req, "active must have shape [", num_req, "]");
-    TORCH_CHECK(active->scalar_type() == at::kBool, "active must be bool, got ", active->scalar_type());
+    check_device(*active, survival, "active");
+    check_shape(*active, {num_req}, "active");
+    check_dtype(*active, at::kBool, "active");
     a.active = static_cast<const uint8_t*>(active->data_ptr());
     a.stride_act = active->stride(0);
   }
@@ -499,11 +376,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> schedule_verify_cuda(
   a.cu_verify = cu_verify.data_ptr<int32_t>();
   a.total = total.data_ptr<int32_t>();
   a.expected = expected.data_ptr<float>();
-  const cudaError_t err = dspark::schedule_verify_launch(a, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "schedule_verify kernel launch failed: ", cudaGetErrorString(err));
+  check_launch(dspark::schedule_verify_launch(a, current_stream()), "schedule_verify");
   return {lengths, cu_verify, total, expected};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dspark, CUDA, m) { m.impl("schedule_verify_cuda", &schedule_verify_cuda); }
+TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
+  m.impl("philox_uniform_cuda", &philox_uniform_cuda);
+  m.impl("rejection_sample_cuda", &rejection_sample_cuda);
+  m.impl("markov_step_cuda", &markov_step_cuda);
+  m.impl("markov_probs_cuda", &markov_probs_cuda);
+  m.impl("schedule_verify_cuda", &schedule_verify_cuda);
+}

@@ -2,34 +2,38 @@
 
 Every op is a torch op in the ``dspark`` namespace (torch.ops.dspark.<name>)
 with a fake implementation for torch.compile and CUDA graphs; the functions
-here are the stable Python API (see shared DESIGN.md). Choose the
+here are the stable Python API, one per entry of the op registry
+(dspark_kernels.ops.OPS), each documented by its docstring. Choose the
 implementation with ``backend=`` or DSPARK_BACKEND: "auto", "reference",
 "triton", "cuda".
 """
 
+import importlib as _importlib
+
 from ._backend import BACKENDS, BackendUnavailableError
-from ._validate import debug_enabled, set_debug
-from .ops.markov_draft import MarkovDraft, markov_draft
-from .ops.pack_verify import VerifyBatch, pack_verify
-from .ops.philox_uniform import philox_uniform
-from .ops.rejection_sample import rejection_sample
-from .ops.schedule_verify import Schedule, schedule_verify
-from .ops.verify_attention import verify_attention
+from ._checks import debug_enabled, set_debug, set_value_checks, value_checks_enabled
+from .ops import OPS as _OPS
 
 __version__ = "0.1.0"
+
+
+def _export() -> list[str]:
+    """Each registered op's public function, and the result types its module declares."""
+    names = []
+    for op in _OPS:
+        module = _importlib.import_module(f".ops.{op}", __name__)
+        for name in (op, *getattr(module, "RESULT_TYPES", ())):
+            globals()[name] = getattr(module, name)
+            names.append(name)
+    return names
+
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
-    "MarkovDraft",
-    "Schedule",
-    "VerifyBatch",
     "debug_enabled",
-    "markov_draft",
-    "pack_verify",
-    "philox_uniform",
-    "rejection_sample",
-    "schedule_verify",
     "set_debug",
-    "verify_attention",
+    "set_value_checks",
+    "value_checks_enabled",
+    *_export(),
 ]

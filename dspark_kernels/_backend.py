@@ -1,14 +1,19 @@
 """Backend choice: which implementation of an op runs.
 
 Each op has up to three implementations: "reference" (plain PyTorch, fp32
-math, any device; the definition of correct), "triton" and "cuda" (the
-dspark_kernels._C extension). Callers choose with the ``backend=`` keyword of
-the public function or the DSPARK_BACKEND environment variable (the keyword
-wins); "auto" picks the fastest one that is present for the tensors' device:
-cuda, then triton, then reference on CUDA tensors, and reference on CPU.
-"auto" never picks an implementation that is not built, nor one listed in
-``not_auto`` (compiled in CI but not yet verified on a GPU); an explicit
-choice that cannot run raises BackendUnavailableError saying what is missing.
+math, any device; the definition of correct), "triton" and "cuda" (kernels of
+the dspark_kernels._C extension). Callers choose with the ``backend=`` keyword
+of the public function or the DSPARK_BACKEND environment variable (the
+keyword wins); "auto" picks the fastest one that is present for the tensors'
+device: cuda, then triton, then reference on CUDA tensors, and reference on
+CPU. "auto" never picks an implementation that is not built, nor one listed
+in ``not_auto`` (built but not yet verified on a GPU); an explicit choice
+that cannot run raises BackendUnavailableError saying what is missing.
+
+Resolution is cached per (backend, device type, DSPARK_BACKEND,
+TRITON_INTERPRET): a call pays a dict lookup, not an environment scan and an
+import. ``Implementations.cache_clear()`` forgets the bindings (tests that
+fake a missing extension use it).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
@@ -42,17 +47,35 @@ def cuda_extension():
     return _extension.load()
 
 
+def _import(target: str) -> Callable:
+    """A "module:function" path, imported; or the name of a torch.ops.dspark op (the CUDA
+    extension's kernel op), called with the argument record's fields in order."""
+    if ":" not in target:
+        import torch
+
+        op = getattr(torch.ops.dspark, target)
+        return lambda a: op(*a)
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
 @dataclass(frozen=True)
-class OpBackends:
-    """Where an op's implementations live (modules imported on first use)."""
+class Implementations:
+    """Where one op's implementations live; each takes the op's argument record.
+
+    reference: the callable. triton / cuda: "module:function" imported on
+    first use (importing triton costs ~1 s); cuda may instead name the
+    extension's op (torch.ops.dspark.<cuda>, schema = the record's fields,
+    defined by dspark_kernels._op). not_auto: backends "auto" must not pick
+    yet (built and callable explicitly, not yet verified on a GPU).
+    """
 
     name: str
     reference: Callable
-    triton: str | None = None  # "module:function", imported lazily (imports triton)
-    cuda: str | None = None  # internal op name in torch.ops.dspark provided by _C
-    # Backends "auto" must not pick yet: built and callable explicitly, but
-    # not yet verified on a GPU against the reference (compile-checked only).
+    triton: str | None = None
+    cuda: str | None = None
     not_auto: tuple[str, ...] = ()
+    _bound: dict = field(default_factory=dict, compare=False, repr=False)
 
     def missing(self, backend: str, device_type: str) -> str | None:
         """Why ``backend`` cannot run this op on ``device_type``; None if it can."""
@@ -101,16 +124,18 @@ class OpBackends:
             raise BackendUnavailableError(f"backend={backend!r} for {self.name}: {why}")
         return backend
 
-    def run(self, backend: str, device_type: str, *args):
-        chosen = self.resolve(backend, device_type)
-        if chosen == "reference":
-            return self.reference(*args)
-        if chosen == "triton":
-            module, func = self.triton.split(":")
-            return getattr(importlib.import_module(module), func)(*args)
-        import torch
+    def bound(self, backend: str, device_type: str) -> Callable:
+        """The implementation callable for this call (cached; raises like resolve)."""
+        key = (backend, device_type, os.environ.get("DSPARK_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+        fn = self._bound.get(key)
+        if fn is None:
+            chosen = self.resolve(backend, device_type)
+            fn = self.reference if chosen == "reference" else _import(getattr(self, chosen))
+            self._bound[key] = fn
+        return fn
 
-        return getattr(torch.ops.dspark, self.cuda)(*args)
+    def cache_clear(self) -> None:
+        self._bound.clear()
 
     def available(self, device_type: str) -> list[str]:
         return [b for b in BACKENDS[1:] if self.missing(b, device_type) is None]

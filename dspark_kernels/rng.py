@@ -27,29 +27,27 @@ from __future__ import annotations
 
 import torch
 
-# Stream ids: one per kind of draw. Values are part of the public contract of
-# the bits (changing one changes every sampled token), so they are fixed here.
-STREAM_DRAFT = 1  # markov_draft: token x_k at step k, one uniform per vocab id
-STREAM_ACCEPT = 2  # rejection_sample: acceptance coin of draft j (index 0)
-STREAM_RESIDUAL = 3  # rejection_sample: residual sample at the first rejection j
-STREAM_BONUS = 4  # rejection_sample: bonus token after all l drafts accepted
-STREAM_TREE_ACCEPT = 5  # reserved for tree_rejection_sample
-STREAM_TREE_RESIDUAL = 6  # reserved for tree_rejection_sample
-
-MAX_POSITION = 1 << 16
-MAX_STREAM = 1 << 16
-
-PHILOX_M0 = 0xD2511F53
-PHILOX_M1 = 0xCD9E8D57
-PHILOX_W0 = 0x9E3779B9
-PHILOX_W1 = 0xBB67AE85
-PHILOX_ROUNDS = 10
+from .constants import (  # noqa: F401  (re-exported: rng.STREAM_* is how callers name streams)
+    MAX_INDEX,
+    MAX_POSITION,
+    MAX_ROWS,
+    MAX_STREAM,
+    PHILOX_M0,
+    PHILOX_M1,
+    PHILOX_ROUNDS,
+    PHILOX_W0,
+    PHILOX_W1,
+    STREAM_ACCEPT,
+    STREAM_BONUS,
+    STREAM_DRAFT,
+    STREAM_RESIDUAL,
+    STREAM_TREE_ACCEPT,
+    STREAM_TREE_RESIDUAL,
+    UNIFORM_SCALE,
+    UNIFORM_SHIFT,
+)
 
 _MASK32 = 0xFFFFFFFF
-# Uniforms are (2k + 1) / 2**24 for k = x >> 9: 2**23 values strictly inside
-# (0, 1), symmetric, and exact in fp32 (2k + 1 < 2**24 fits the mantissa), so
-# every backend turns the same bits into the same float and -log(u) is finite.
-UNIFORM_SCALE = 2.0**-24
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +88,7 @@ def philox4x32(
 
 def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
     """uint32 values (in int64) -> fp32 uniforms (2*(x>>9)+1) * 2**-24 in (0, 1)."""
-    return ((bits >> 9) * 2 + 1).to(torch.float32) * UNIFORM_SCALE
+    return ((bits >> UNIFORM_SHIFT) * 2 + 1).to(torch.float32) * UNIFORM_SCALE
 
 
 def uniform(

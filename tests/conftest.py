@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def available_backends(op_module) -> list[str]:
     """Concrete backends that can run ``op_module``'s op on DEVICE (reference always)."""
-    return op_module.BACKENDS.available(torch.device(DEVICE).type)
+    return op_module.IMPLS.available(torch.device(DEVICE).type)
 
 
 def interpreted(backend: str) -> bool:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dspark_kernels
-from dspark_kernels.calibration import (
+from dspark_kernels.engine.calibration import (
     STSResult,
     alive_outcomes,
     auroc,

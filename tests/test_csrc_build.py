@@ -15,12 +15,13 @@ import torch
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
-pytestmark = pytest.mark.skipif(
+needs_nvcc = pytest.mark.skipif(
     shutil.which("nvcc") is None or shutil.which("cmake") is None,
     reason="nvcc and cmake are needed to compile csrc/",
 )
 
 
+@needs_nvcc
 def test_every_cuda_source_compiles_for_sm90a(tmp_path):
     build = tmp_path / "build"
     cfg = subprocess.run(
@@ -43,3 +44,16 @@ def test_every_cuda_source_compiles_for_sm90a(tmp_path):
         assert objs, f"{name} was not compiled"
     assert "sm_90a" in res.stdout, "nvcc was not asked for sm_90a"
     assert glob.glob(str(build / "**" / "torch_bindings.cpp.o"), recursive=True), "launchers not compiled"
+
+
+def test_only_the_launchers_include_torch():
+    """Kernels and host programs are torch-free; torch_checks.h serves torch_bindings.cpp alone."""
+    torch_files = {"torch_bindings.cpp", "torch_checks.h"}
+    csrc = os.path.join(ROOT, "csrc")
+    for path in sorted(glob.glob(os.path.join(csrc, "**", "*"), recursive=True)):
+        if not os.path.isfile(path) or os.path.basename(path) in torch_files:
+            continue
+        text = open(path, encoding="utf-8").read()
+        rel = os.path.relpath(path, ROOT)
+        for include in ("#include <ATen/", "#include <c10/", "#include <torch/", '#include "torch_checks.h"'):
+            assert include not in text, f"{rel} has {include}"

@@ -106,9 +106,9 @@ def _debug_off():
 
 def _require(backend: str, *ops) -> None:
     for op in ops:
-        why = op.BACKENDS.missing(backend, "cuda")
+        why = op.IMPLS.missing(backend, "cuda")
         if why is not None:
-            pytest.skip(f"backend {backend!r} cannot run {op.BACKENDS.name} on CUDA tensors: {why}")
+            pytest.skip(f"backend {backend!r} cannot run {op.IMPLS.name} on CUDA tensors: {why}")
 
 
 def _offset(value: int, device) -> torch.Tensor:

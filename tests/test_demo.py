@@ -6,7 +6,7 @@ would, and its losslessness check must be able to fail."""
 import pytest
 import torch
 
-from dspark_kernels import demo
+from dspark_kernels.engine import demo
 from dspark_kernels.ops import verify_attention as va_op
 
 
@@ -69,7 +69,7 @@ def _small_target(window=6):
     return target
 
 
-@pytest.mark.parametrize("backend", va_op.BACKENDS.available("cpu"))
+@pytest.mark.parametrize("backend", va_op.IMPLS.available("cpu"))
 def test_verify_pass_matches_sequential_recompute(backend, monkeypatch):
     """Every verify row's logits from one verify_attention call over the paged
     cache equal the layer evaluated one token at a time on the text."""

@@ -215,5 +215,5 @@ def test_no_host_sync(backend):
         pytest.skip("the Triton interpreter copies tensors to the host by design")
     args = _opcheck_args(backend)[:-1]
     with HostSyncSpy() as spy:
-        op.BACKENDS.run(backend, torch.device(DEVICE).type, *args)
+        op.OP.run(backend, op.OP.Args(*args))
     assert spy.syncs == [], spy.syncs

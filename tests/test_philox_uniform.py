@@ -2,7 +2,6 @@
 (the CUDA header is checked on the host through nvcc), stream/offset/seed
 independence, and uniformity."""
 
-import os
 import shutil
 import subprocess
 
@@ -14,8 +13,6 @@ from dspark_kernels import rng
 from dspark_kernels.ops import philox_uniform as op
 
 from conftest import DEVICE, available_backends
-
-CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
 
 
 def _t(x):
@@ -66,28 +63,12 @@ def test_triton_matches_reference_under_interpreter():
     assert torch.equal(a.cpu(), b)
 
 
-_HOST_PROGRAM = r"""
-#include <cstdio>
-#include <cstdint>
-#include "philox.cuh"
-int main() {
-  long long seed, offset; unsigned stream, position; unsigned long long index;
-  while (std::scanf("%lld %lld %u %u %llu", &seed, &offset, &stream, &position, &index) == 5) {
-    float u = dspark::uniform((uint64_t)seed, (uint64_t)offset, stream, position, index);
-    std::printf("%.9e\n", u);
-  }
-  return 0;
-}
-"""
-
-
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_header_bits_match_reference(tmp_path):
-    """csrc/philox.cuh is __host__ __device__: run it on the host and compare bits."""
-    src = tmp_path / "host_philox.cu"
-    src.write_text(_HOST_PROGRAM)
-    exe = tmp_path / "host_philox"
-    subprocess.run(["nvcc", "-std=c++17", "-I", CSRC, str(src), "-o", str(exe)], check=True, capture_output=True)
+    """csrc/philox.cuh is __host__ __device__: run it on the host (csrc/tests/host_math_philox.cu) and compare bits."""
+    from test_cuda_host_math import build_host_program  # the one host-program builder
+
+    exe = build_host_program(tmp_path, "host_math_philox")
     g = torch.Generator().manual_seed(0)
     cases = []
     for _ in range(200):

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from dspark_kernels.profiling import SPSProfile, isotonic_increasing, plot_sps, profile_sps, sps_from_seconds
+from dspark_kernels.engine.sps_table import SPSProfile, isotonic_increasing, plot_sps, profile_sps, sps_from_seconds
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

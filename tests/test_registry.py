@@ -74,8 +74,11 @@ def test_opcheck(name):
 def test_every_public_op_is_a_dspark_torch_op():
     # Each op's own test file runs opcheck and torch.compile(fullgraph=True) on it
     # (schedule_verify, pack_verify, verify_attention there; the rest above).
-    for name in ("markov_draft", "rejection_sample", "philox_uniform", "schedule_verify", "pack_verify",
-                 "verify_attention"):
+    from dspark_kernels.ops import OPS
+
+    assert set(OPS) == {"markov_draft", "rejection_sample", "philox_uniform", "schedule_verify", "pack_verify",
+                        "verify_attention"}
+    for name in OPS:
         assert hasattr(torch.ops.dspark, name), name
         assert callable(getattr(dk, name)), name
         assert name in dk.__all__, name
@@ -124,7 +127,7 @@ def test_cuda_backend_on_cpu_names_the_problem():
 def test_missing_kernel_names_the_op():
     from dspark_kernels.ops import pack_verify as pv_op
 
-    assert pv_op.BACKENDS.triton is None and pv_op.BACKENDS.cuda is None
+    assert pv_op.IMPLS.triton is None and pv_op.IMPLS.cuda is None
     args = (torch.tensor([1]), torch.tensor([[2]]), torch.tensor([1]), torch.tensor([0, 2], dtype=torch.int32),
             torch.tensor([0]))
     with pytest.raises(BackendUnavailableError, match="pack_verify has no Triton implementation"):
@@ -135,32 +138,32 @@ def test_missing_kernel_names_the_op():
 
 def test_triton_on_cpu_requires_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert "triton" not in pu_op.BACKENDS.available("cpu")
+    assert "triton" not in pu_op.IMPLS.available("cpu")
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
-        pu_op.BACKENDS.resolve("triton", "cpu")
+        pu_op.IMPLS.resolve("triton", "cpu")
 
 
 def test_auto_never_picks_missing_backends():
     # auto = the first of cuda, triton, reference that is present; reference only on CPU.
     for mod in (md_op, rs_op, pu_op):
-        assert mod.BACKENDS.resolve("auto", "cpu") == "reference"
-        present = [b for b in mod.BACKENDS.available("cuda") if b not in mod.BACKENDS.not_auto]
+        assert mod.IMPLS.resolve("auto", "cpu") == "reference"
+        present = [b for b in mod.IMPLS.available("cuda") if b not in mod.IMPLS.not_auto]
         expected = next(b for b in ("cuda", "triton", "reference") if b in present)
-        assert mod.BACKENDS.resolve("auto", "cuda") == expected
+        assert mod.IMPLS.resolve("auto", "cuda") == expected
 
 
 def test_auto_skips_backends_not_yet_verified_on_gpu():
-    from dspark_kernels._backend import OpBackends
+    from dspark_kernels._backend import Implementations
 
-    fake = OpBackends(name="fake", reference=lambda: "ref", triton="m:f", not_auto=("triton",))
+    fake = Implementations(name="fake", reference=lambda: "ref", triton="m:f", not_auto=("triton",))
     assert fake.resolve("auto", "cuda") == "reference"
     assert "triton" in fake.available("cuda")  # still callable explicitly
     assert fake.resolve("triton", "cuda") == "triton"
     # Compile-only CUDA kernels are never auto-picked until a GPU run verifies them.
     for mod in (md_op, rs_op, pu_op):
-        assert "cuda" in mod.BACKENDS.not_auto and mod.BACKENDS.resolve("auto", "cuda") != "cuda"
+        assert "cuda" in mod.IMPLS.not_auto and mod.IMPLS.resolve("auto", "cuda") != "cuda"
     if dk._backend.cuda_extension() is None:
-        assert pu_op.BACKENDS.resolve("auto", "cuda") != "cuda"
+        assert pu_op.IMPLS.resolve("auto", "cuda") != "cuda"
 
 
 def test_environment_variable_selects_backend(monkeypatch):
@@ -180,9 +183,9 @@ def test_extension_absence_is_explained():
 
     if dk._backend.cuda_extension() is None:
         assert _extension.why_missing() != "loaded"
-        assert "cuda" not in pu_op.BACKENDS.available("cuda")
+        assert "cuda" not in pu_op.IMPLS.available("cuda")
     else:
-        assert "cuda" in pu_op.BACKENDS.available("cuda")
+        assert "cuda" in pu_op.IMPLS.available("cuda")
 
 
 def test_debug_switch_round_trip():

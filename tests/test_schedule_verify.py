@@ -661,7 +661,7 @@ def test_no_host_sync(backend, mode):
     _needs_real_device(backend)
     args = _opcheck_args(mode, backend)[:-1]
     with HostSyncSpy() as spy:
-        op.BACKENDS.run(backend, torch.device(DEVICE).type, *args)
+        op.OP.run(backend, op.OP.Args(*args))
     assert spy.syncs == [], f"host syncs inside schedule_verify ({backend}): {spy.syncs}"
 
 

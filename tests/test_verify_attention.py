@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dspark_kernels import _backend
-from dspark_kernels import _validate
+from dspark_kernels import _checks
 from dspark_kernels.ops import verify_attention as op
 
 from host_sync import HostSyncSpy
@@ -311,7 +311,7 @@ def test_triton_flash_decoding_splits(splits, name):
     full = dict(sm_scale=args["q"].shape[-1] ** -0.5, window=-1, softcap=0.0) | kw
     a = dict(args, **full)
     for want_lse in (True, False):
-        out, lse = tri(*a.values(), want_lse, num_splits=splits)
+        out, lse = tri(op.OP.record(**a, return_lse=want_lse), num_splits=splits)
         ref_out, ref_lse = run("reference", args, **kw)
         if want_lse:
             assert_close(out, lse, ref_out.cpu(), ref_lse.cpu(), torch.float32, int(args["cu_verify"][-1]))
@@ -495,7 +495,7 @@ def _launches(monkeypatch, args, kw, *, spy=True):
     monkeypatch.setattr(tri_mod, "_merge_kernel", _KernelStub("merge", log))
     full = dict(sm_scale=args["q"].shape[-1] ** -0.5, window=-1, softcap=0.0) | kw
     with HostSyncSpy() as s:
-        out, lse = tri_mod.verify_attention(*args.values(), *full.values(), True)
+        out, lse = tri_mod.verify_attention(op.OP.record(**args, **full, return_lse=True))
     if spy:
         assert s.syncs == [], f"host syncs in the Triton launcher: {s.syncs}"
     assert out.shape == args["q"].shape and lse.shape == args["q"].shape[:2]
@@ -527,7 +527,7 @@ def test_triton_launcher_no_host_sync_static_grid(monkeypatch, tree, kw):
     # ... and the op's metadata checks (all that runs on CUDA outside debug mode) read nothing either
     full = dict(sm_scale=None, window=-1, softcap=0.0) | kw
     with HostSyncSpy() as s:
-        op._check(*a.values(), *full.values())
+        op.OP.check(op.OP.record(**a, **full, return_lse=True))
     assert s.syncs == []
 
 
@@ -536,14 +536,14 @@ def test_triton_launcher_no_host_sync_static_grid(monkeypatch, tree, kw):
 def test_no_host_sync_cuda(backend):
     """On CUDA tensors (debug mode off) the kernel path reads nothing back: no sync
     op under the spy, and CUDA's own sync detector stays silent over the public op."""
-    prev = _validate.debug_enabled()
-    _validate.set_debug(False)
+    prev = _checks.debug_enabled()
+    _checks.set_debug(False)
     try:
         args, _ = make_batch([3, 1, 4], [600, 0, 30], tree=True, page_size=16)
         op.verify_attention(**args, backend=backend, window=9, return_lse=True)  # compile outside the checks
         torch.cuda.synchronize()
         with HostSyncSpy() as s:
-            op.BACKENDS.run(backend, "cuda", *args.values(), 0.25, 9, 0.0, True)
+            op.OP.run(backend, op.OP.record(**args, sm_scale=0.25, window=9, softcap=0.0, return_lse=True))
         assert s.syncs == []
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -551,7 +551,7 @@ def test_no_host_sync_cuda(backend):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     finally:
-        _validate.set_debug(prev)
+        _checks.set_debug(prev)
 
 
 @pytest.mark.gpu
@@ -561,8 +561,8 @@ def test_cuda_graph_capture_replay(backend, variant):
     """Capture once, replay with new values AND new ragged lengths of the same
     shapes (q rows, page-table width, cache size): each replay equals an eager call
     bit for bit and the reference within fp32 tolerance."""
-    prev = _validate.debug_enabled()
-    _validate.set_debug(False)  # value checks would sync
+    prev = _checks.debug_enabled()
+    _checks.set_debug(False)  # value checks would sync
     try:
         tree = variant != "chain_splits"
         kw = {} if not tree else dict(window=128, softcap=20.0)
@@ -598,7 +598,7 @@ def test_cuda_graph_capture_replay(backend, variant):
             r_out, r_lse = run("reference", fresh, **kw)
             assert_close(g_out, g_lse, r_out.cpu(), r_lse.cpu(), torch.float32, int(fresh["cu_verify"][-1]))
     finally:
-        _validate.set_debug(prev)
+        _checks.set_debug(prev)
 
 
 # ---------------------------------------------------------------------------
@@ -624,8 +624,8 @@ BAD = [
     (ValueError, "k_cache must have 4 dimensions", dict(k_cache=lambda a: a["k_cache"][0])),
     (TypeError, "k_cache has dtype float16", dict(k_cache=lambda a: a["k_cache"].half())),
     (TypeError, "v_cache has dtype bfloat16", dict(v_cache=lambda a: a["v_cache"].bfloat16())),
-    (ValueError, "k_cache has head dim 15", dict(k_cache=lambda a: a["k_cache"][..., :15])),
-    (ValueError, "v_cache must have the shape", dict(v_cache=lambda a: a["v_cache"][:, :2])),
+    (ValueError, r"k_cache must have shape \(P, S, Hkv, D\) = \(\d+, \d+, \d+, 16\)", dict(k_cache=lambda a: a["k_cache"][..., :15])),
+    (ValueError, "v_cache must have shape", dict(v_cache=lambda a: a["v_cache"][:, :2])),
     (ValueError, "q has 5 heads, not a positive multiple", dict(q=lambda a: a["q"][:, :5])),
     (ValueError, "q has 0 heads, not a positive multiple", dict(q=lambda a: a["q"][:, :0])),
     (ValueError, "v_cache must have 4 dimensions", dict(v_cache=lambda a: a["v_cache"][0])),

@@ -6,11 +6,13 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _validate as V
-from .._backend import OpBackends
+from .. import _checks
+from .._backend import Implementations
+from .._op import INT, Op, tensor
 from ..reference.pack_verify import pack_verify as _reference
 
-BACKENDS = OpBackends(name="pack_verify", reference=_reference)
+
+RESULT_TYPES = ("VerifyBatch",)  # exported by dspark_kernels beside pack_verify
 
 
 class VerifyBatch(NamedTuple):
@@ -19,45 +21,35 @@ class VerifyBatch(NamedTuple):
     row_request: torch.Tensor  # [R·(γ+1)] int32, -1 past cu_verify[R]
 
 
-def _check(anchor, tokens, lengths, cu_verify, start_pos):
-    V.tensor("tokens", tokens, ndim=2, dtypes=V.INT_DTYPES)
-    num_req = tokens.shape[0]
-    for name, t, dt in (("anchor", anchor, V.INT_DTYPES), ("lengths", lengths, V.INT_DTYPES),
-                        ("start_pos", start_pos, V.INT_DTYPES)):
-        V.tensor(name, t, ndim=1, dtypes=dt)
-        V.shape(name, t, (num_req,))
-    V.tensor("cu_verify", cu_verify, ndim=1, dtypes=V.INT_DTYPES)
-    V.shape("cu_verify", cu_verify, (num_req + 1,))
-    V.same_device("tokens", tokens, anchor=anchor, lengths=lengths, cu_verify=cu_verify, start_pos=start_pos)
-
-
-def _check_values(anchor, tokens, lengths, cu_verify, start_pos):
-    if not tokens.shape[0] or not V.value_checks(tokens):
+def _values(a):
+    if not a.tokens.shape[0]:
         return
-    gamma = tokens.shape[1]
-    if int(lengths.min()) < 0 or int(lengths.max()) > gamma:
-        raise ValueError(f"lengths must lie in [0, {gamma}]")
-    cu = cu_verify.to(torch.int64)
-    rows = cu[1:] - cu[:-1]
-    if int(cu[0]) != 0 or not bool(((rows == lengths.to(torch.int64) + 1) | (rows == 0)).all()):
-        raise ValueError("cu_verify must start at 0 and grow by lengths + 1 per request (0 for inactive requests)")
-    if bool((start_pos < 0).any()):
+    _checks.ragged_offsets(a.cu_verify, a.lengths, a.tokens.shape[1])
+    if bool((a.start_pos < 0).any()):
         raise ValueError("start_pos must be non-negative")
 
 
-@torch.library.custom_op("dspark::pack_verify", mutates_args=(), device_types=("cpu", "cuda"))
-def _op(anchor: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, cu_verify: torch.Tensor,
-        start_pos: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(anchor, tokens, lengths, cu_verify, start_pos)
-    _check_values(anchor, tokens, lengths, cu_verify, start_pos)
-    return BACKENDS.run(backend, tokens.device.type, anchor, tokens, lengths, cu_verify, start_pos)
+def _fake(a):
+    size = a.tokens.shape[0] * (a.tokens.shape[1] + 1)
+    return tuple(a.tokens.new_empty((size,), dtype=torch.int32) for _ in range(3))
 
 
-@_op.register_fake
-def _fake(anchor, tokens, lengths, cu_verify, start_pos, backend):
-    _check(anchor, tokens, lengths, cu_verify, start_pos)
-    size = tokens.shape[0] * (tokens.shape[1] + 1)
-    return tuple(tokens.new_empty((size,), dtype=torch.int32) for _ in range(3))
+OP = Op(
+    "pack_verify",
+    [
+        tensor("anchor", "R", INT),
+        tensor("tokens", "R, G", INT),
+        tensor("lengths", "R", INT),
+        tensor("cu_verify", "R+1", INT),
+        tensor("start_pos", "R", INT),
+    ],
+    "(Tensor, Tensor, Tensor)",
+    impls=Implementations("pack_verify", reference=_reference),
+    fake=_fake,
+    values=_values,
+    wrap=lambda out, kw: VerifyBatch(*out),
+)
+IMPLS = OP.impls
 
 
 def pack_verify(
@@ -72,17 +64,24 @@ def pack_verify(
     """Flatten each request's anchor and first lengths[r] drafts into verify rows.
 
     Math: row t in [cu_verify[r], cu_verify[r+1]) is local index j = t - cu_verify[r]
-    of request r: token anchor[r] (j = 0) or tokens[r, j-1], position start_pos[r] + j.
-    Rows from cu_verify[R] to the static size R·(γ+1) are padding (-1).
+    of request r: token anchor[r] (j = 0) or tokens[r, j-1], position
+    start_pos[r] + j, owner r. Rows from cu_verify[R] to the static size
+    R·(γ+1) are padding (-1 in all three outputs). Static shapes, no host sync.
 
     Args:
-        anchor: [R] int; tokens: [R, γ] int drafts; lengths: [R] int in [0, γ];
-        cu_verify: [R + 1] int32 (from schedule_verify); start_pos: [R] int
+        anchor: [R] int32/int64; tokens: [R, γ] int drafts; lengths: [R] int in [0, γ];
+        cu_verify: [R + 1] int32/int64 (from schedule_verify); start_pos: [R] int
         position of each anchor.
         backend: "auto" | "reference" | "triton" | "cuda".
 
     Returns:
         VerifyBatch(token_ids, positions, row_request), each [R·(γ+1)] int32.
+
+    Examples:
+        >>> import torch, dspark_kernels as dk
+        >>> b = dk.pack_verify(torch.tensor([5, 6]), torch.tensor([[7, 8], [9, 10]]), torch.tensor([2, 0]),
+        ...                    torch.tensor([0, 3, 4], dtype=torch.int32), torch.tensor([100, 200]))
+        >>> b.token_ids.tolist(), b.positions.tolist()
+        ([5, 7, 8, 6, -1, -1], [100, 101, 102, 200, -1, -1])
     """
-    V.tensor_args(anchor=anchor, tokens=tokens, lengths=lengths, cu_verify=cu_verify, start_pos=start_pos)
-    return VerifyBatch(*torch.ops.dspark.pack_verify(anchor, tokens, lengths, cu_verify, start_pos, backend or ""))
+    return OP(locals())

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
-from .. import _validate as V
-from .._backend import OpBackends
+from .. import _checks
+from .. import constants as C
+from .._backend import Implementations
+from .._op import BOOL, FLOAT64, INT, Op, tensor, value
 from ..reference.schedule_verify import schedule_verify as _reference
 
-BACKENDS = OpBackends(
-    name="schedule_verify",
-    reference=_reference,
-    triton="dspark_kernels.triton.schedule_verify:schedule_verify",
-    cuda="schedule_verify_cuda",
-    # csrc/schedule_verify.cu compiles in CI but has not run on a GPU yet: explicit backend="cuda" only.
-    not_auto=("cuda",),
-)
-
-torch.library.define(
-    "dspark::schedule_verify_cuda",
-    "(Tensor survival, Tensor sps, str mode, Tensor? history, Tensor? max_len, Tensor? active)"
-    " -> (Tensor, Tensor, Tensor, Tensor)",
-)
 MODES = ("causal", "async")
+
+
+RESULT_TYPES = ("Schedule",)  # exported by dspark_kernels beside schedule_verify
 
 
 class Schedule(NamedTuple):
@@ -34,72 +25,74 @@ class Schedule(NamedTuple):
     expected_tokens: torch.Tensor  # [] fp32 expected emitted tokens τ
 
 
-def _check(survival, sps, mode, history, max_len, active):
-    V.tensor("survival", survival, ndim=2, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    num_req, gamma = survival.shape
-    V.tensor("sps", sps, ndim=1, dtypes=(torch.float32, torch.float64))
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    need = num_req * (gamma + 1)
-    if sps.shape[0] < need + 1:
+def _check(a, dims):
+    need = dims["R"] * (dims["G"] + 1)
+    if a.sps.shape[0] < need + 1:
         raise ValueError(
-            f"sps must cover batches up to R*(γ+1) = {need} tokens (length >= {need + 1}), got {sps.shape[0]}"
+            f"sps must cover batches up to R*(γ+1) = {need} tokens (length >= {need + 1}), got {a.sps.shape[0]}"
         )
-    if mode == "async":
-        if history is None:
-            raise ValueError("mode='async' needs history (the survival of two steps earlier)")
-    if history is not None:
-        V.tensor("history", history, ndim=2, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
-        V.shape("history", history, (num_req, gamma))
-    if max_len is not None:
-        V.tensor("max_len", max_len, ndim=1, dtypes=V.INT_DTYPES)
-        V.shape("max_len", max_len, (num_req,))
-    if active is not None:
-        V.tensor("active", active, ndim=1, dtypes=(torch.bool,))
-        V.shape("active", active, (num_req,))
-    V.same_device("survival", survival, sps=sps, history=history, max_len=max_len, active=active)
+    if a.mode == "async" and a.history is None:
+        raise ValueError("mode='async' needs history (the survival of two steps earlier)")
 
 
-def _check_values(survival, sps, history):
-    for name, t in (("survival", survival), ("history", history)):
-        if t is None or not t.numel() or not V.value_checks(t):
+def _values(a):
+    for name, t in (("survival", a.survival), ("history", a.history)):
+        if t is None or not t.numel():
             continue
-        V.finite(name, t)
+        _checks.finite(name, t)
         if bool(((t < 0) | (t > 1)).any()):
             raise ValueError(f"{name} must lie in [0, 1]")
         if t.shape[1] > 1 and bool((t[:, 1:] > t[:, :-1]).any()):
             raise ValueError(f"{name} must be non-increasing along the draft position (a cumulative product)")
-    if V.value_checks(sps):
-        V.finite("sps", sps)
-        if bool((sps < 0).any()):
-            raise ValueError("sps must be non-negative steps per second")
+    _checks.finite("sps", a.sps)
+    if bool((a.sps < 0).any()):
+        raise ValueError("sps must be non-negative steps per second")
 
 
-@torch.library.custom_op("dspark::schedule_verify", mutates_args=(), device_types=("cpu", "cuda"))
-def _op(
-    survival: torch.Tensor,
-    sps: torch.Tensor,
-    mode: str,
-    history: Optional[torch.Tensor],
-    max_len: Optional[torch.Tensor],
-    active: Optional[torch.Tensor],
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(survival, sps, mode, history, max_len, active)
-    _check_values(survival, sps, history)
-    return BACKENDS.run(backend, survival.device.type, survival, sps, mode, history, max_len, active)
-
-
-@_op.register_fake
-def _fake(survival, sps, mode, history, max_len, active, backend):
-    _check(survival, sps, mode, history, max_len, active)
-    num_req = survival.shape[0]
+def _fake(a):
+    num_req = a.survival.shape[0]
     return (
-        survival.new_empty((num_req,), dtype=torch.int32),
-        survival.new_empty((num_req + 1,), dtype=torch.int32),
-        survival.new_empty((), dtype=torch.int32),
-        survival.new_empty((), dtype=torch.float32),
+        a.survival.new_empty((num_req,), dtype=torch.int32),
+        a.survival.new_empty((num_req + 1,), dtype=torch.int32),
+        a.survival.new_empty((), dtype=torch.int32),
+        a.survival.new_empty((), dtype=torch.float32),
     )
+
+
+OP = Op(
+    "schedule_verify",
+    [
+        tensor("survival", "R, G", FLOAT64),
+        tensor("sps", "B", (torch.float32, torch.float64)),
+        value("mode", "str", choices=MODES),
+        tensor("history", "R, G", FLOAT64, optional=True),
+        tensor("max_len", "R", INT, optional=True),
+        tensor("active", "R", BOOL, optional=True),
+    ],
+    "(Tensor, Tensor, Tensor, Tensor)",
+    impls=Implementations(
+        "schedule_verify",
+        reference=_reference,
+        triton="dspark_kernels.triton.schedule_verify:schedule_verify",
+        cuda="dspark_kernels.ops.schedule_verify:schedule_verify_cuda",
+        not_auto=("cuda",),  # csrc/schedule_verify.cu compiles in CI but has not run on a GPU yet
+    ),
+    fake=_fake,
+    check=_check,
+    values=_values,
+    wrap=lambda out, kw: Schedule(*out),
+    kernel_op="schedule_verify_cuda",
+)
+IMPLS = OP.impls
+
+
+def schedule_verify_cuda(a):
+    """csrc/schedule_verify.cu: one thread block sorts every candidate, so R·γ is bounded."""
+    n = a.survival.shape[0] * a.survival.shape[1]
+    if n > C.SCHEDULE_MAX_CANDIDATES:
+        raise ValueError(f"the CUDA schedule_verify sorts every candidate in one thread block: at most R*γ = "
+                         f"{C.SCHEDULE_MAX_CANDIDATES}, got {n} (use backend='reference' for larger batches)")
+    return torch.ops.dspark.schedule_verify_cuda(*a)
 
 
 def schedule_verify(
@@ -122,10 +115,11 @@ def schedule_verify(
     raise it; "async" (paper §5.2) picks K = argmax_k τ_k·sps[B_k] over the whole
     path of `history` (survival two steps earlier), then admits the top-K
     candidates by current survival. Admission is prefix-closed per request.
+    Sorts, scans and scatters of static shape: no host sync, capturable.
 
     Args:
-        survival: [R, γ] fp32 in [0, 1], non-increasing along γ (Π c_i).
-        sps: [Bmax + 1] fp32 steps/second for a verify batch of B tokens;
+        survival: [R, γ] float (fp64/fp32/fp16/bf16) in [0, 1], non-increasing along γ (Π c_i).
+        sps: [Bmax + 1] fp32/fp64 steps/second for a verify batch of B tokens;
             Bmax >= R·(γ+1).
         mode: "causal" or "async". history: [R, γ], required for "async".
         max_len: [R] int cap on drafts per request (default γ).
@@ -135,7 +129,13 @@ def schedule_verify(
     Returns:
         Schedule(lengths [R] int32, cu_verify [R+1] int32, total [] int32,
         expected_tokens [] fp32), all on the input device; no host sync.
+
+    Examples:
+        Paper appendix A: verifying the draft does not pay at this sps table.
+
+        >>> import torch, dspark_kernels as dk
+        >>> s = dk.schedule_verify(torch.tensor([[0.8, 0.72]]), torch.tensor([0.0, 1.0, 0.5, 0.45]))
+        >>> s.lengths.tolist(), s.cu_verify.tolist(), int(s.total)
+        ([0], [0, 1], 1)
     """
-    V.tensor_args(("history", "max_len", "active"), survival=survival, sps=sps, history=history, max_len=max_len,
-                  active=active)
-    return Schedule(*torch.ops.dspark.schedule_verify(survival, sps, mode, history, max_len, active, backend or ""))
+    return OP(locals())

@@ -7,65 +7,43 @@ from typing import Optional
 
 import torch
 
-from .. import _validate as V
-from .._backend import OpBackends
+from .. import _checks
+from .._backend import Implementations
+from .._op import FLOAT, INT, Op, tensor, value
 from ..reference.verify_attention import tree_bits
 from ..reference.verify_attention import verify_attention as _reference
-
-BACKENDS = OpBackends(
-    name="verify_attention",
-    reference=_reference,
-    triton="dspark_kernels.triton.verify_attention:verify_attention",
-)
 
 # A tree mask row is two int32 words: at most 64 verify tokens per request.
 MAX_TREE_TOKENS = 64
 
 
-def _check(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask, sm_scale, window, softcap):
-    """Metadata checks (no device reads); see _check_values for the rest."""
-    V.tensor("q", q, ndim=3, dtypes=V.FLOAT_DTYPES)
-    V.tensor("k_cache", k_cache, ndim=4, dtypes=V.FLOAT_DTYPES)
-    V.tensor("v_cache", v_cache, ndim=4, dtypes=V.FLOAT_DTYPES)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
+def _check(a, dims):
+    """Metadata the table cannot say (no device reads); _values has the rest."""
+    for name in ("k_cache", "v_cache"):
+        t = getattr(a, name)
+        if t.dtype != a.q.dtype:
             raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')} but q has "
-                            f"{str(q.dtype).replace('torch.', '')}; q, k_cache and v_cache must share one dtype")
-    num_rows, num_heads, head_dim = q.shape
-    num_pages, page_size, num_kv, kv_dim = k_cache.shape
-    if kv_dim != head_dim:
-        raise ValueError(f"k_cache has head dim {kv_dim} but q has {head_dim}")
-    if tuple(v_cache.shape) != tuple(k_cache.shape):
-        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    if head_dim < 1 or page_size < 1 or num_kv < 1:
-        raise ValueError(f"k_cache dims must be positive, got shape {tuple(k_cache.shape)}")
-    if num_heads < 1 or num_heads % num_kv:
-        raise ValueError(f"q has {num_heads} heads, not a positive multiple of the {num_kv} kv heads of k_cache (GQA)")
-    V.tensor("page_table", page_table, ndim=2, dtypes=V.INT_DTYPES)
-    num_req = page_table.shape[0]
-    V.tensor("kv_lens", kv_lens, ndim=1, dtypes=V.INT_DTYPES)
-    V.shape("kv_lens", kv_lens, (num_req,))
-    V.tensor("cu_verify", cu_verify, ndim=1, dtypes=V.INT_DTYPES)
-    V.shape("cu_verify", cu_verify, (num_req + 1,))
-    if tree_mask is not None:
-        V.tensor("tree_mask", tree_mask, ndim=2, dtypes=(torch.int32,))
-        if tree_mask.shape[0] != num_rows or not 1 <= tree_mask.shape[1] <= MAX_TREE_TOKENS // 32:
-            raise ValueError(f"tree_mask must have shape ({num_rows}, W) with W in 1..{MAX_TREE_TOKENS // 32} "
-                             f"int32 words, got {tuple(tree_mask.shape)}")
-    if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a positive finite float or None, got {sm_scale}")
-    if window != -1 and window < 1:
-        raise ValueError(f"window must be -1 (off) or >= 1, got {window}")
-    if not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be 0 (off) or a positive finite float, got {softcap}")
-    V.same_device("q", q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, kv_lens=kv_lens,
-                  cu_verify=cu_verify, tree_mask=tree_mask)
+                            f"{str(a.q.dtype).replace('torch.', '')}; q, k_cache and v_cache must share one dtype")
+    if dims["D"] < 1 or dims["S"] < 1 or dims["Hkv"] < 1:
+        raise ValueError(f"k_cache dims must be positive, got shape {tuple(a.k_cache.shape)}")
+    if dims["Hq"] < 1 or dims["Hq"] % dims["Hkv"]:
+        raise ValueError(f"q has {dims['Hq']} heads, not a positive multiple of the {dims['Hkv']} kv heads of "
+                         "k_cache (GQA)")
+    if a.tree_mask is not None and not 1 <= dims["W"] <= MAX_TREE_TOKENS // 32:
+        raise ValueError(f"tree_mask must have shape ({dims['T']}, W) with W in 1..{MAX_TREE_TOKENS // 32} "
+                         f"int32 words, got {tuple(a.tree_mask.shape)}")
+    if a.sm_scale is not None and not (math.isfinite(a.sm_scale) and a.sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive finite float or None, got {a.sm_scale}")
+    if a.window != -1 and a.window < 1:
+        raise ValueError(f"window must be -1 (off) or >= 1, got {a.window}")
+    if not (math.isfinite(a.softcap) and a.softcap >= 0):
+        raise ValueError(f"softcap must be 0 (off) or a positive finite float, got {a.softcap}")
 
 
-def _check_values(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask):
-    """Checks that read values: always on CPU, on CUDA only in debug mode."""
-    if not V.value_checks(q):
-        return
+def _values(a):
+    """Checks that read values (see dspark_kernels._checks for when they run)."""
+    q, k_cache, page_table, kv_lens, cu_verify, tree_mask = a.q, a.k_cache, a.page_table, a.kv_lens, a.cu_verify, \
+        a.tree_mask
     num_rows = q.shape[0]
     num_pages, page_size = k_cache.shape[:2]
     cu = cu_verify.to(torch.int64)
@@ -108,34 +86,41 @@ def _check_values(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask
             raise ValueError("tree_mask row t may set only bits j <= t (ancestors come earlier in the block)")
 
 
-@torch.library.custom_op("dspark::verify_attention", mutates_args=(), device_types=("cpu", "cuda"))
-def _op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    page_table: torch.Tensor,
-    kv_lens: torch.Tensor,
-    cu_verify: torch.Tensor,
-    tree_mask: Optional[torch.Tensor],
-    sm_scale: Optional[float],
-    window: int,
-    softcap: float,
-    return_lse: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask, sm_scale, window, softcap)
-    _check_values(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask)
-    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-    return BACKENDS.run(backend, q.device.type, q, k_cache, v_cache, page_table, kv_lens, cu_verify,
-                        tree_mask, float(scale), int(window), float(softcap), bool(return_lse))
+def _fake(a):
+    lse_shape = (a.q.shape[0], a.q.shape[1]) if a.return_lse else (0,)
+    return a.q.new_empty(a.q.shape), a.q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@_op.register_fake
-def _fake(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask, sm_scale, window, softcap,
-          return_lse, backend):
-    _check(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask, sm_scale, window, softcap)
-    lse_shape = (q.shape[0], q.shape[1]) if return_lse else (0,)
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+OP = Op(
+    "verify_attention",
+    [
+        tensor("q", "T, Hq, D", FLOAT),
+        tensor("k_cache", "P, S, Hkv, D", FLOAT),
+        tensor("v_cache", "P, S, Hkv, D", FLOAT),
+        tensor("page_table", "R, M", INT),
+        tensor("kv_lens", "R", INT),
+        tensor("cu_verify", "R+1", INT),
+        tensor("tree_mask", "T, W", (torch.int32,), optional=True),
+        value("sm_scale", "float", optional=True),
+        value("window", "int"),
+        value("softcap", "float"),
+        value("return_lse", "bool"),
+    ],
+    "(Tensor, Tensor)",
+    impls=Implementations(
+        "verify_attention",
+        reference=_reference,
+        triton="dspark_kernels.triton.verify_attention:verify_attention",
+    ),
+    fake=_fake,
+    check=_check,
+    values=_values,
+    # sm_scale None means 1/sqrt(D); implementations always get a float.
+    prepare=lambda a: a._replace(sm_scale=float(a.sm_scale if a.sm_scale is not None else a.q.shape[-1] ** -0.5),
+                                 softcap=float(a.softcap)),
+    wrap=lambda out, kw: out if kw["return_lse"] else out[0],
+)
+IMPLS = OP.impls
 
 
 def verify_attention(
@@ -214,8 +199,4 @@ def verify_attention(
     Returns:
         out [T, Hq, D] in q's dtype, or (out, lse) when return_lse.
     """
-    V.tensor_args(("tree_mask",), q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, kv_lens=kv_lens,
-                  cu_verify=cu_verify, tree_mask=tree_mask)
-    out, lse = torch.ops.dspark.verify_attention(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask,
-                                                 sm_scale, window, softcap, return_lse, backend or "")
-    return (out, lse) if return_lse else out
+    return OP(locals())

@@ -1,4 +1,4 @@
-"""Reference ragged verify-batch packing.
+"""Reference pack_verify: implements dspark_kernels.pack_verify with torch ops (static shapes).
 
 Row t < cu_verify[R] belongs to the request r with cu_verify[r] <= t <
 cu_verify[r+1]; its local index is j = t - cu_verify[r]:
@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 
-def pack_verify(anchor, tokens, lengths, cu_verify, start_pos):
+def pack_verify(a):
+    anchor, tokens, cu_verify, start_pos = a.anchor, a.tokens, a.cu_verify, a.start_pos
     num_req, gamma = tokens.shape
     device = tokens.device
     size = num_req * (gamma + 1)

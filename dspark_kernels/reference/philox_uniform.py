@@ -1,10 +1,10 @@
-"""Reference philox_uniform: the RNG itself, evaluated in PyTorch."""
+"""Reference philox_uniform: implements dspark_kernels.philox_uniform with the PyTorch Philox of dspark_kernels.rng."""
 
 import torch
 
 from .. import rng
 
 
-def philox_uniform(seed: torch.Tensor, offset: torch.Tensor, stream: int, position: int, n: int) -> torch.Tensor:
-    index = torch.arange(n, dtype=torch.int64, device=seed.device)
-    return rng.uniform(seed[:, None], offset, stream, position, index[None, :])
+def philox_uniform(a) -> torch.Tensor:
+    index = torch.arange(a.n, dtype=torch.int64, device=a.seed.device)
+    return rng.uniform(a.seed[:, None], a.offset, a.stream, a.position, index[None, :])

@@ -1,4 +1,4 @@
-"""Reference chain rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
+"""Reference rejection_sample: implements dspark_kernels.rejection_sample (Leviathan et al. 2023; Chen et al. 2023).
 
 For request r with l = lengths[r] drafts x_1..x_l, drafted from q_1..q_l, and
 target rows p_0..p_l (row cu_verify[r] + j is the target's distribution after
@@ -36,21 +36,11 @@ def _draft_dist(draft_logits: torch.Tensor, draft_temperature: torch.Tensor) -> 
     return filtered_probs(draft_logits, draft_temperature)
 
 
-def rejection_sample(
-    target_logits: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    lengths: torch.Tensor,
-    cu_verify: torch.Tensor,
-    temperature: torch.Tensor,
-    seed: torch.Tensor,
-    offset: torch.Tensor,
-    top_k: torch.Tensor | None,
-    top_p: torch.Tensor | None,
-    draft_token_probs: torch.Tensor | None,
-    draft_logits: torch.Tensor | None,
-    draft_temperature: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rejection_sample(a) -> tuple[torch.Tensor, torch.Tensor]:
+    target_logits, draft_tokens, draft_probs, lengths, cu_verify = (
+        a.target_logits, a.draft_tokens, a.draft_probs, a.lengths, a.cu_verify)
+    temperature, seed, offset, top_k, top_p = a.temperature, a.seed, a.offset, a.top_k, a.top_p
+    draft_token_probs, draft_logits, draft_temperature = a.draft_token_probs, a.draft_logits, a.draft_temperature
     device = target_logits.device
     num_rows, vocab = target_logits.shape
     num_req, gamma = draft_tokens.shape

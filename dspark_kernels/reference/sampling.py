@@ -20,11 +20,7 @@ import torch
 
 from .. import rng
 
-# Temperatures below this are greedy (vLLM's _SAMPLING_EPS convention). Below
-# about 1e-30 the division z / T overflows fp32 to inf and ties every lane; at
-# 1e-5 a softmax is already one-hot in fp32 unless two logits agree to within
-# 1e-5 * 88 ~ 1e-3, so treating the whole range as greedy costs nothing real.
-GREEDY_TEMPERATURE = 1e-5
+from ..constants import GREEDY_TEMPERATURE  # noqa: F401  (T below it is greedy; re-exported)
 
 
 def greedy_onehot(logits: torch.Tensor) -> torch.Tensor:

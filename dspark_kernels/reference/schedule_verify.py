@@ -45,14 +45,8 @@ def admission_path(sorted_vals: torch.Tensor, num_active: torch.Tensor, sps: tor
     return theta, tau
 
 
-def schedule_verify(
-    survival: torch.Tensor,
-    sps: torch.Tensor,
-    mode: str,
-    history: torch.Tensor | None,
-    max_len: torch.Tensor | None,
-    active: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def schedule_verify(a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    survival, sps, mode, history, max_len, active = a.survival, a.sps, a.mode, a.history, a.max_len, a.active
     num_req, gamma = survival.shape
     device = survival.device
     act = active.bool() if active is not None else torch.ones(num_req, dtype=torch.bool, device=device)

@@ -1,4 +1,4 @@
-"""Reference verify_attention: gather each request's keys, fp32 softmax.
+"""Reference verify_attention: implements dspark_kernels.verify_attention by gathering each request's keys, fp32 softmax.
 
 One request at a time (host loop over cu_verify and kv_lens, so this path
 syncs): the request's pages are gathered from the cache, logits are computed
@@ -19,8 +19,10 @@ def tree_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     return bits.reshape(words.shape[0], -1)[:, :n].bool()
 
 
-def verify_attention(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask, sm_scale, window,
-                     softcap, return_lse):
+def verify_attention(a):
+    q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask = (
+        a.q, a.k_cache, a.v_cache, a.page_table, a.kv_lens, a.cu_verify, a.tree_mask)
+    sm_scale, window, softcap, return_lse = a.sm_scale, a.window, a.softcap, a.return_lse
     num_rows, num_heads, head_dim = q.shape
     page_size, num_kv = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv

@@ -1,16 +1,15 @@
-"""Triton Markov-head block drafting, token-for-token the reference's algorithm.
+"""Triton markov_draft: implements dspark_kernels.markov_draft's vocabulary-wide step; the block loop
+(head input, confidence, survival) is the reference's draft_block, shared by every backend.
 
-Per draft step k (the steps are sequential: x_k feeds step k+1):
+Per draft step k:
 
-1. the head input e_k [R, r] (vanilla / gated / RNN) and the confidence c_k
-   are O(R·r·d) torch ops in the launcher, the same ops as the reference;
-2. ``_step_tile_kernel``, grid (vocab tiles, request tiles): z = U_k + e_k·W2ᵀ
+1. ``_step_tile_kernel``, grid (vocab tiles, request tiles): z = U_k + e_k·W2ᵀ
    for a [BLOCK_R, BLOCK_V] tile with tl.dot at IEEE fp32 precision (TF32 would
    move z by ~1e-3 and change tokens versus the fp32 reference), so W2 is read
    once per step for the whole batch; per request and tile it writes the Gumbel
    race winner (z/T + G, stream DRAFT, position k), the softmax partials
    (max and sum of exp(z/T - max)) and the greedy argmax of z;
-3. ``_step_reduce_kernel``, one program per request: combines the partials
+2. ``_step_reduce_kernel``, one program per request: combines the partials
    (first index wins ties, like torch.argmax) into x_k and p_d(x_k).
 
 Optional draft_logits / draft_probs outputs are written by the tile kernel
@@ -18,18 +17,18 @@ Optional draft_logits / draft_probs outputs are written by the tile kernel
 No host sync anywhere; grids depend on shapes only.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from .. import rng as _rng
+from .. import constants as C
+from ..reference.markov_draft import Steps, draft_block
 from . import rng
-from ..reference.sampling import GREEDY_TEMPERATURE as _GREEDY_T
 
-# Rows below this temperature are greedy (see reference/sampling.py).
-GREEDY_TEMPERATURE = tl.constexpr(_GREEDY_T)
-
-STREAM_DRAFT = tl.constexpr(_rng.STREAM_DRAFT)
+GREEDY_TEMPERATURE = tl.constexpr(C.GREEDY_TEMPERATURE)
+STREAM_DRAFT = tl.constexpr(C.STREAM_DRAFT)
 
 # 16 requests x 128 vocab ids per tile: tl.dot needs >= 16 on each side, and
 # 128 fp32 columns x 64-wide K chunks keeps the W2 tile at 32 KB in registers.
@@ -173,81 +172,57 @@ def _probs_kernel(logits_ptr, probs_ptr, temp_ptr, tokens_ptr, gamma, vocab, BLO
         tl.store(probs_ptr + base + idx, p, mask=idx < vocab)
 
 
-def _head_input(k, prev, w1, hidden, gate_weight, gate_bias, rnn_weight, rnn_bias, state):
-    """e_k [R, r] fp32 and the RNN state, with the reference's torch ops."""
-    emb = w1[prev].float()
-    if gate_weight is not None:
-        x = torch.cat([hidden[:, k].float(), emb], dim=-1) @ gate_weight.float().T
-        if gate_bias is not None:
-            x = x + gate_bias.float()
-        return torch.sigmoid(x) * emb, state, emb
-    if rnn_weight is not None:
-        x = torch.cat([emb, state], dim=-1) @ rnn_weight.float().T
-        if rnn_bias is not None:
-            x = x + rnn_bias.float()
-        state = torch.tanh(x)
-        return state, state, emb
-    return emb, state, emb
+class _Workspace(NamedTuple):
+    temperature: torch.Tensor  # [R] fp32 contiguous
+    seed: torch.Tensor
+    offset: torch.Tensor  # [1] int64
+    parts: list  # per (request, vocab tile) partials of the tile kernel
+    num_tiles: int
+    grid: tuple
+    block_t: int
+    scratch: torch.Tensor  # z destination when z is not kept (never written: STORE_LOGITS is off)
 
 
-def markov_draft(
-    base_logits, anchor, w1, w2, temperature, seed, offset, hidden, conf_weight, conf_bias, sts_temperature,
-    gate_weight, gate_bias, rnn_weight, rnn_bias, return_draft_probs, return_draft_logits,
-):
-    num_req, gamma, vocab = base_logits.shape
-    rank = w1.shape[1]
-    device = base_logits.device
-    f32 = dict(dtype=torch.float32, device=device)
-    tokens = torch.empty((num_req, gamma), dtype=torch.int32, device=device)
-    token_probs = torch.empty((num_req, gamma), **f32)
-    with_conf = conf_weight is not None
-    confidence = torch.empty((num_req, gamma), **f32) if with_conf else torch.empty(0, **f32)
-    # z is needed after the loop for draft_probs even when draft_logits was not asked for.
-    keep_z = return_draft_logits or return_draft_probs
-    draft_logits = torch.empty((num_req, gamma, vocab), **f32) if keep_z else torch.empty((1, 1, 1), **f32)
-    draft_probs = torch.empty((num_req, gamma, vocab), **f32) if return_draft_probs else torch.empty(0, **f32)
-    if num_req == 0 or gamma == 0:
-        survival = torch.cumprod(confidence, dim=1) if with_conf else torch.empty(0, **f32)
-        return tokens, token_probs, confidence, survival, draft_probs, draft_logits if return_draft_logits else torch.empty(0, **f32)
-
-    temp = temperature.float().contiguous()
-    seed = seed.contiguous()
-    offset = offset.reshape(1)
+def _prepare(a) -> _Workspace:
+    num_req, _, vocab = a.base_logits.shape
+    device = a.base_logits.device
     num_tiles = triton.cdiv(vocab, BLOCK_V)
-    parts = [torch.empty((num_req, num_tiles), **f32) for _ in range(7)]
+    parts = [torch.empty((num_req, num_tiles), dtype=torch.float32, device=device) for _ in range(7)]
     parts[1] = torch.empty((num_req, num_tiles), dtype=torch.int32, device=device)
     parts[6] = torch.empty((num_req, num_tiles), dtype=torch.int32, device=device)
-    grid = (num_tiles, triton.cdiv(num_req, BLOCK_R))
-    block_t = min(1024, triton.next_power_of_2(num_tiles))
+    return _Workspace(a.temperature.float().contiguous(), a.seed.contiguous(), a.offset.reshape(1), parts,
+                      num_tiles, (num_tiles, triton.cdiv(num_req, BLOCK_R)),
+                      min(1024, triton.next_power_of_2(num_tiles)),
+                      torch.empty((1, 1), dtype=torch.float32, device=device))
 
-    prev = anchor.to(torch.int64)
-    state = torch.zeros((num_req, rank), **f32) if rnn_weight is not None else None
-    for k in range(gamma):
-        e, state, emb = _head_input(k, prev, w1, hidden, gate_weight, gate_bias, rnn_weight, rnn_bias, state)
-        e = e.contiguous()
-        if with_conf:
-            logit_c = torch.cat([hidden[:, k].float(), emb], dim=-1) @ conf_weight.float()
-            if conf_bias is not None:
-                logit_c = logit_c + conf_bias.float().reshape(())
-            if sts_temperature is not None:
-                logit_c = logit_c / sts_temperature[k].float()
-            confidence[:, k] = torch.sigmoid(logit_c)
-        u = base_logits[:, k]
-        zk = draft_logits[:, k] if keep_z else draft_logits[:, 0]
-        _step_tile_kernel[grid](
-            u, u.stride(0), u.stride(1), e, e.stride(0), w2, w2.stride(0), w2.stride(1),
-            temp, seed, offset, *parts, zk, zk.stride(0), zk.stride(1),
-            num_req, vocab, rank, k, num_tiles,
-            STORE_LOGITS=keep_z, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
-        )
-        _step_reduce_kernel[(num_req,)](
-            *parts, temp, tokens, tokens.stride(0), token_probs, token_probs.stride(0), k, num_tiles, BLOCK_T=block_t,
-        )
-        prev = tokens[:, k].to(torch.int64)
-    if return_draft_probs:
-        _probs_kernel[(num_req * gamma,)](draft_logits, draft_probs, temp, tokens, gamma, vocab, BLOCK=1024)
-    survival = torch.cumprod(confidence, dim=1) if with_conf else torch.empty(0, **f32)
-    return tokens, token_probs, confidence, survival, draft_probs, draft_logits if return_draft_logits else torch.empty(0, **f32)
+
+def _step(a, ws: _Workspace, k: int, e: torch.Tensor, block) -> None:
+    num_req, _, vocab = a.base_logits.shape
+    u, w2 = a.base_logits[:, k], a.w2
+    zk = block.z[:, k] if block.z is not None else ws.scratch
+    _step_tile_kernel[ws.grid](
+        u, u.stride(0), u.stride(1), e, e.stride(0), w2, w2.stride(0), w2.stride(1),
+        ws.temperature, ws.seed, ws.offset, *ws.parts, zk, zk.stride(0), zk.stride(1),
+        num_req, vocab, w2.shape[1], k, ws.num_tiles,
+        STORE_LOGITS=block.z is not None, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
+    )
+    _step_reduce_kernel[(num_req,)](
+        *ws.parts, ws.temperature, block.tokens, block.tokens.stride(0), block.token_probs,
+        block.token_probs.stride(0), k, ws.num_tiles, BLOCK_T=ws.block_t,
+    )
+
+
+def _probs(a, ws: _Workspace, block) -> None:
+    num_req, gamma, vocab = a.base_logits.shape
+    _probs_kernel[(num_req * gamma,)](block.z, block.draft_probs, ws.temperature, block.tokens, gamma, vocab,
+                                      BLOCK=1024)
+
+
+STEPS = Steps(_prepare, _step, _probs)
+
+
+def markov_draft(a) -> tuple:
+    return draft_block(a, STEPS)
 
 
 def _compile_specs():

@@ -1,4 +1,4 @@
-"""Triton philox_uniform: one program per (request, block of BLOCK outputs)."""
+"""Triton philox_uniform: implements dspark_kernels.philox_uniform, one program per (request, block of BLOCK outputs)."""
 
 import torch
 import triton
@@ -17,14 +17,15 @@ def _philox_uniform_kernel(seed_ptr, offset_ptr, out_ptr, n, position, STREAM: t
     tl.store(out_ptr + row.to(tl.int64) * n + idx, u, mask=idx < n)
 
 
-def philox_uniform(seed: torch.Tensor, offset: torch.Tensor, stream: int, position: int, n: int) -> torch.Tensor:
-    rows = seed.shape[0]
-    out = torch.empty((rows, n), dtype=torch.float32, device=seed.device)
-    if rows == 0 or n == 0:
+def philox_uniform(a) -> torch.Tensor:
+    rows = a.seed.shape[0]
+    out = torch.empty((rows, a.n), dtype=torch.float32, device=a.seed.device)
+    if rows == 0 or a.n == 0:
         return out
     block = 1024
-    grid = (rows, triton.cdiv(n, block))
-    _philox_uniform_kernel[grid](seed.contiguous(), offset.reshape(1), out, n, position, STREAM=stream, BLOCK=block)
+    grid = (rows, triton.cdiv(a.n, block))
+    _philox_uniform_kernel[grid](a.seed.contiguous(), a.offset.reshape(1), out, a.n, a.position, STREAM=a.stream,
+                                 BLOCK=block)
     return out
 
 

@@ -292,10 +292,11 @@ def _chain_kernel(
     tl.store(nacc_ptr + r, n_acc.to(tl.int32))
 
 
-def rejection_sample(
-    target_logits, draft_tokens, draft_probs, lengths, cu_verify, temperature, seed, offset,
-    top_k, top_p, draft_token_probs, draft_logits, draft_temperature,
-):
+def rejection_sample(a):
+    target_logits, draft_tokens, draft_probs, lengths, cu_verify = (
+        a.target_logits, a.draft_tokens, a.draft_probs, a.lengths, a.cu_verify)
+    temperature, seed, offset, top_k, top_p = a.temperature, a.seed, a.offset, a.top_k, a.top_p
+    draft_token_probs, draft_logits, draft_temperature = a.draft_token_probs, a.draft_logits, a.draft_temperature
     device = target_logits.device
     num_rows, vocab = target_logits.shape
     num_req, gamma = draft_tokens.shape

@@ -1,21 +1,31 @@
-"""Philox-4x32-10 in Triton, bit-identical to dspark_kernels.rng (see its layout)."""
+"""Philox-4x32-10 in Triton: implements dspark_kernels.rng bit for bit (the layout is documented there)."""
 
 import triton
 import triton.language as tl
+
+from .. import constants as C
+
+_M0 = tl.constexpr(C.PHILOX_M0)
+_M1 = tl.constexpr(C.PHILOX_M1)
+_W0 = tl.constexpr(C.PHILOX_W0)
+_W1 = tl.constexpr(C.PHILOX_W1)
+_ROUNDS = tl.constexpr(C.PHILOX_ROUNDS)
+_SHIFT = tl.constexpr(C.UNIFORM_SHIFT)
+_SCALE = tl.constexpr(C.UNIFORM_SCALE)
 
 
 @triton.jit
 def philox4x32(c0, c1, c2, c3, k0, k1):
     """Ten Philox rounds on uint32 tensors; returns the four output lanes."""
-    for _ in tl.static_range(10):
+    for _ in tl.static_range(_ROUNDS):
         a0 = c0
         a2 = c2
-        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
-        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-        c1 = a2 * 0xCD9E8D57
-        c3 = a0 * 0xD2511F53
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
+        c0 = tl.umulhi(a2, _M1) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, _M0) ^ c3 ^ k1
+        c1 = a2 * _M1
+        c3 = a0 * _M0
+        k0 = k0 + _W0
+        k1 = k1 + _W1
     return c0, c1, c2, c3
 
 
@@ -40,8 +50,8 @@ def uniform(seed, offset, stream, position, index):
     r0, r1, r2, r3 = philox4x32(c0, c1, c2, c3, k0, k1)
     lane = index & 3
     bits = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
-    k = (bits >> 9).to(tl.int32)
-    return (k * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+    k = (bits >> _SHIFT).to(tl.int32)
+    return (k * 2 + 1).to(tl.float32) * _SCALE
 
 
 @triton.jit

@@ -41,11 +41,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import constants as C
+
 # Triton reads this variable when @triton.jit runs, so it is fixed at import, as here.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Largest R·γ one program handles (the CUDA kernel shares the bound).
-MAX_CANDIDATES = 16384
+MAX_CANDIDATES = C.SCHEDULE_MAX_CANDIDATES
 
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
@@ -239,7 +241,8 @@ def _num_warps(block: int) -> int:
     return 16
 
 
-def schedule_verify(survival, sps, mode, history, max_len, active):
+def schedule_verify(a):
+    survival, sps, mode, history, max_len, active = a.survival, a.sps, a.mode, a.history, a.max_len, a.active
     num_req, gamma = survival.shape
     n = num_req * gamma
     if n > MAX_CANDIDATES:

@@ -221,13 +221,15 @@ def launch_config(dtype: torch.dtype, head_dim: int, group: int, max_rows: int, 
     return cfg
 
 
-def verify_attention(q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask, sm_scale, window,
-                     softcap, return_lse, *, num_splits=None, block_m=None, block_n=None):
-    """See dspark_kernels.ops.verify_attention; keywords after * are tuning knobs for tests and benchmarks.
+def verify_attention(a, *, num_splits=None, block_m=None, block_n=None):
+    """Implements dspark_kernels.verify_attention; keywords after * are tuning knobs for tests and benchmarks.
 
     Reads no tensor value on the host: every launch parameter below comes from
     shapes, dtypes, strides and the scalar arguments.
     """
+    q, k_cache, v_cache, page_table, kv_lens, cu_verify, tree_mask = (
+        a.q, a.k_cache, a.v_cache, a.page_table, a.kv_lens, a.cu_verify, a.tree_mask)
+    sm_scale, window, softcap, return_lse = a.sm_scale, a.window, a.softcap, a.return_lse
     num_rows, num_heads, head_dim = q.shape
     page_size, num_kv = k_cache.shape[1], k_cache.shape[2]
     num_req, max_pages = page_table.shape

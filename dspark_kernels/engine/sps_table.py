@@ -1,4 +1,5 @@
-"""Steps-per-second profiling of a verify forward into schedule_verify's table.
+"""Builds the scheduler's SPS table: steps-per-second profiling of a verify
+forward into schedule_verify's ``sps`` argument.
 
 For a verify batch of B tokens the scheduler needs SPS(B) = 1 / t(B), t(B)
 the wall time of one target step. This module times a caller-supplied

@@ -1,0 +1,12 @@
+"""Engine-side helpers: application code that calls the kernels, not kernels.
+
+- ``dspark_kernels.engine.calibration``: Sequential Temperature Scaling of the
+  confidence head (the fit behind markov_draft's ``sts_temperature``) and its
+  metrics (ECE, AUROC, Brier, reliability diagrams).
+- ``dspark_kernels.engine.sps_table``: builds the scheduler's SPS table
+  (schedule_verify's ``sps``) by timing a verify forward per batch size.
+- ``dspark_kernels.engine.demo``: the end-to-end demo (``python -m dspark_kernels demo``).
+
+They use the ops only through the public API at ``dspark_kernels.<op>``.
+Nothing is imported here: import the submodule you need.
+"""
