@@ -108,6 +108,6 @@ setup(
     extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
     ext_modules=[Extension("dspark_kernels._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
-    entry_points={"console_scripts": ["dspark-demo=dspark_kernels.__main__:main"]},
+    entry_points={"console_scripts": ["dspark-demo=dspark_kernels.engine.demo:main"]},
     zip_safe=False,
 )

@@ -5,7 +5,7 @@ V in {129280 (DeepSeek-V3/V4), 151936 (Qwen3)}, Markov rank r = 256, vanilla
 head (no confidence head), temperature 1 (the sampling path), base logits U
 and both weights in bf16 on CUDA (fp32 on CPU).
 
-Floor (DESIGN.md): U read once, W2 [V, r] read once per step (γ times: each
+Floor: U read once, W2 [V, r] read once per step (γ times: each
 step's W2·W1[x_{k-1}] depends on the token just sampled), the γ gathered W1
 rows (R·γ·r elements, negligible) and the outputs (tokens int32 and p_d fp32).
 R=64, γ=7, V=151936 bf16: 136 MB + 7 x 78 MB = 682 MB -> 227 us on an H100.
@@ -58,6 +58,8 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable from the
 from bench import harness  # noqa: E402
 
 OP = "markov_draft"
+# tests/test_bench.py: extra --smoke arguments, and the shape keys every case's params must hold.
+SMOKE_TEST = ([], ("R", "gamma", "V", "rank", "dtype"))
 FULL_R = [1, 8, 64, 256]
 FULL_GAMMA = [5, 7, 16]
 FULL_V = [129280, 151936]

@@ -55,6 +55,8 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable from the
 from bench import harness  # noqa: E402
 
 OP = "schedule_verify"
+# tests/test_bench.py: extra --smoke arguments, and the shape keys every case's params must hold.
+SMOKE_TEST = ([], ("R", "gamma", "mode", "sps_len"))
 FULL_R = [8, 64, 256, 1024]
 FULL_GAMMA = [5, 7, 16]
 QUICK_R = [3, 8]

@@ -51,6 +51,10 @@ from dspark_kernels.ops import verify_attention as op  # noqa: E402
 from dspark_kernels.reference.verify_attention import tree_bits  # noqa: E402
 
 OP = "verify_attention"
+# tests/test_bench.py: extra --smoke arguments, the shape keys of every case, and the providers that must
+# run everywhere (the rest need CUDA or the Triton interpreter, which refuses nothing here but bf16).
+SMOKE_TEST = ([], ("R", "context", "hq", "hkv", "head_dim", "page_size", "dtype"))
+SMOKE_MUST_RUN = ("reference-eager", "sdpa")
 PATTERN = (8, 2, 16, 6)
 
 

@@ -30,7 +30,7 @@ Stages (name: default budget in seconds; what it does):
                    pytest-xdist when present; one JSON line per test as it ends.
                    CI-only files (CPU compile checks, host emulation, this
                    script's dry run) are left out: CI runs them.
-  4 headline   90  one benchmark per op at the DESIGN.md shapes, our
+  4 headline   90  one benchmark per op at its headline shape, our
                    backends and the eager reference (FlashInfer, FlexAttention
                    and torch.compile JIT-compile for minutes: stage 6), floor
                    from the ceilings of stage 1.
@@ -542,7 +542,7 @@ def stage_tests(ctx: Ctx, args) -> dict:
 
 # --------------------------------------------------------------------------- stages 4 and 6: benchmarks
 
-# DESIGN.md's shapes. Providers that JIT-compile for minutes wait for stage 6.
+# The headline shapes (the floors' worked examples). Providers that JIT-compile for minutes wait for stage 6.
 SLOW_PROVIDERS = "flashinfer*,reference-compiled,flex"
 # The scheduler goes last: its Triton program compiles longest (see stage_build).
 HEADLINE = [

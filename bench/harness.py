@@ -75,7 +75,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # H200 is checked first only for clarity; neither name contains the other.
 KNOWN_PEAKS = (
     ("H200", 4.3e12, 790e12, "H200: 4.3e12 B/s measured device-to-device copy, 790e12 FLOP/s dense bf16"),
-    ("H100", 3.0e12, 800e12, "H100: ~3.0e12 B/s achievable HBM3, 800e12 FLOP/s dense bf16 (DESIGN.md)"),
+    ("H100", 3.0e12, 800e12, "H100: ~3.0e12 B/s achievable HBM3, 800e12 FLOP/s dense bf16"),
 )
 # Unknown GPU or CPU: about B200 datasheet peaks (8 TB/s HBM3e, 2.25 PFLOP/s
 # dense bf16), above every current device, so the floor never overstates.

@@ -1,6 +1,8 @@
 """Test setup: run Triton kernels through the interpreter when no GPU is present.
 
 TRITON_INTERPRET must be set before triton is first imported, hence here.
+This file holds only pytest hooks and fixtures; the helpers that tests import
+live in plain modules (support.py and the model / harness modules beside it).
 
 The ``gpu`` marker means "needs a CUDA GPU": such tests are skipped (with
 that reason) where torch sees none, and ``python -m bench.gpu_proof`` runs
@@ -16,18 +18,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def available_backends(op_module) -> list[str]:
-    """Concrete backends that can run ``op_module``'s op on DEVICE (reference always)."""
-    return op_module.IMPLS.available(torch.device(DEVICE).type)
-
-
-def interpreted(backend: str) -> bool:
-    """Whether ``backend`` runs through the Triton interpreter here (Triton on CPU
-    tensors): correct, but ~10-100 ms per program, so tests keep it to small shapes."""
-    return backend == "triton" and torch.device(DEVICE).type == "cpu"
+from support import DEVICE, debug_mode  # noqa: E402
 
 
 def pytest_configure(config):
@@ -46,3 +37,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def value_checks_on():
+    """Value checks for the test: they run on CPU always; on CUDA only in debug mode."""
+    with debug_mode(True):
+        yield

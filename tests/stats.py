@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 
 MIN_EXPECTED = 5.0
+# Significance level of every Monte Carlo test of the suite (see the last paragraph above).
+ALPHA = 1e-4
 # Probabilities at or below this are treated as "impossible" outcomes: no
 # sample may land there (an fp32 sampler cannot produce mass below ~1e-30 anyway).
 IMPOSSIBLE = 1e-30
@@ -133,7 +135,7 @@ def _table(result: Chi2Result, labels: Sequence | None, max_rows: int = 40) -> s
     return "\n".join(lines)
 
 
-def assert_follows(counts, probs, alpha: float = 1e-4, *, labels: Sequence | None = None, what: str = "") -> Chi2Result:
+def assert_follows(counts, probs, alpha: float = ALPHA, *, labels: Sequence | None = None, what: str = "") -> Chi2Result:
     """Assert that counts are a plausible multinomial sample of probs.
 
     Raises AssertionError with a readable observed-vs-expected table when the
@@ -193,7 +195,7 @@ def rate_test(successes, n, rate: float) -> RateResult:
     return RateResult(successes, n, observed, rate, z, normal_two_sided_p(z))
 
 
-def assert_rate(successes, n, rate: float, alpha: float = 1e-4, *, what: str = "") -> RateResult:
+def assert_rate(successes, n, rate: float, alpha: float = ALPHA, *, what: str = "") -> RateResult:
     """Assert that successes / n is consistent with rate (binomial z-test)."""
     result = rate_test(successes, n, rate)
     if result.p_value < alpha:

@@ -9,6 +9,7 @@ never asserted here: the benchmarks measure it, on a GPU.
 
 from __future__ import annotations
 
+import glob
 import importlib
 import json
 import math
@@ -19,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICE
+from support import DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -28,17 +29,18 @@ if ROOT not in sys.path:
 TABLE_HEADER = ("case", "provider", "median_us", "floor_us", "%floor", "x_fastest")
 TIMES = ("median_us", "p10_us", "p90_us", "mean_us", "min_us")
 
-# script -> (extra smoke arguments, the shape keys every case's params must hold).
-# rejection_sample: onehot and minimal cover both FlashInfer draft paths and the
-# two draft inputs of our op; "full" only adds a tensor and ~6 s of compiling.
-SCRIPTS = {
-    "bench_markov_draft": ([], ("R", "gamma", "V", "rank", "dtype")),
-    "bench_rejection_sample": (["--modes", "onehot,minimal"], ("R", "gamma", "V", "T", "mode", "dtype")),
-    "bench_schedule_verify": ([], ("R", "gamma", "mode", "sps_len")),
-    "bench_verify_attention": ([], ("R", "context", "hq", "hkv", "head_dim", "page_size", "dtype")),
-}
-# Providers that must run everywhere, and those that run on CPU only under the Triton interpreter.
-ALWAYS = {"bench_verify_attention": ("reference-eager", "sdpa")}
+def _scripts() -> dict:
+    """Every bench/bench_<op>.py that declares SMOKE_TEST: name -> (extra smoke arguments, shape keys)."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "bench", "bench_*.py"))):
+        name = os.path.basename(path)[:-3]
+        module = importlib.import_module(f"bench.{name}")
+        if hasattr(module, "SMOKE_TEST"):
+            found[name] = module.SMOKE_TEST
+    return found
+
+
+SCRIPTS = _scripts()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -84,7 +86,7 @@ def check_report(report: dict, name: str, shape_keys) -> None:
             assert r["status"] in ("ok", "skipped", "unavailable"), (case["name"], n, r)
             if r["status"] != "ok":
                 assert r["reason"], (case["name"], n, r)
-        must = ALWAYS.get(name, ("reference-eager", "reference-compiled"))
+        must = getattr(_load(name), "SMOKE_MUST_RUN", ("reference-eager", "reference-compiled"))
         if INTERPRETED and name != "bench_verify_attention":
             must = must + ("triton",)
         for n in must:
@@ -339,3 +341,17 @@ def test_report_is_on_disk_after_each_case(tmp_path):
     on_disk = json.loads(path.read_text())
     assert [c["name"] for c in on_disk["cases"]] == ["first"]
     assert on_disk["cases"][0]["providers"][harness.REFERENCE_EAGER]["status"] == "ok"
+
+
+def test_overhead_bench_covers_every_registered_op(tmp_path, capsys):
+    from dspark_kernels.ops import OPS
+
+    path = tmp_path / "overhead.json"
+    report = _load("bench_overhead").main(["--number", "3", "--repeat", "1", "--out", str(path)])
+    assert [r["op"] for r in report["rows"]] == list(OPS)
+    for r in report["rows"]:
+        for key in ("public_us", "reference_us", "host_path_us", "checks_us"):
+            assert _positive_finite(r[key]), (r["op"], key, r[key])
+        assert isinstance(r["goal_met"], bool)
+    assert json.loads(path.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    assert "host path us" in capsys.readouterr().out

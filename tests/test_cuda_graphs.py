@@ -32,8 +32,6 @@ without a GPU. The GPU tests are skipped there.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -41,6 +39,8 @@ import dspark_kernels as dk
 from dspark_kernels.ops import markov_draft as md_op
 from dspark_kernels.ops import rejection_sample as rs_op
 from dspark_kernels.ops import schedule_verify as sv_op
+
+from support import debug_mode
 
 
 # Compiled backends under test; each test skips one that cannot run its ops here.
@@ -92,16 +92,6 @@ class _Step:
             self.graph.replay()
             out = self.outputs
         return tuple(t.clone() for t in out)
-
-
-@contextlib.contextmanager
-def _debug_off():
-    was = dk.debug_enabled()
-    dk.set_debug(False)
-    try:
-        yield
-    finally:
-        dk.set_debug(was)
 
 
 def _require(backend: str, *ops) -> None:
@@ -497,7 +487,7 @@ def test_checks_pass_eagerly_on_cpu():
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_markov_draft_cuda_graph(backend, bump):
     _require(backend, md_op)
-    with _debug_off():
+    with debug_mode(False):
         _check_markov_draft("cuda", backend, capture=True, bump=bump)
 
 
@@ -507,7 +497,7 @@ def test_markov_draft_cuda_graph(backend, bump):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_rejection_sample_cuda_graph(backend, bump, mode):
     _require(backend, rs_op)
-    with _debug_off():
+    with debug_mode(False):
         _check_rejection_sample("cuda", backend, capture=True, bump=bump, mode=mode)
 
 
@@ -517,5 +507,5 @@ def test_rejection_sample_cuda_graph(backend, bump, mode):
 def test_verify_round_cuda_graph(backend, mode):
     """schedule_verify -> pack_verify -> target -> rejection_sample in one graph, offset bumped inside it."""
     _require(backend, sv_op, rs_op)
-    with _debug_off():
+    with debug_mode(False):
         _check_verify_round("cuda", backend, capture=True, mode=mode)

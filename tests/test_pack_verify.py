@@ -1,7 +1,8 @@
 """pack_verify: equality with a plain Python loop on random ragged batches
 (empty, single, large; inactive requests with 0 rows), -1 padding up to the
-static size R·(γ+1), non-contiguous inputs, argument validation, and
-capturability proxies (opcheck, torch.compile fullgraph, no host sync)."""
+static size R·(γ+1), non-contiguous inputs, and capturability proxies
+(opcheck, torch.compile fullgraph, no host sync). Argument validation:
+tests/test_validation.py."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import pytest
 import torch
 
 import dspark_kernels as dk
-from dspark_kernels import _backend
 from dspark_kernels.ops import pack_verify as op
 
 from host_sync import HostSyncSpy
-from conftest import DEVICE, available_backends
+from support import DEVICE, available_backends, interpreted
 
 BACKENDS = available_backends(op)
 
@@ -132,53 +132,6 @@ def test_schedule_to_pack():
     assert 1 not in got.row_request.tolist()  # the inactive request has no rows
 
 
-def test_validation():
-    anchor = torch.tensor([1, 2], dtype=torch.int32)
-    tokens = torch.tensor([[3, 4, 5], [6, 7, 8]], dtype=torch.int32)
-    lengths = torch.tensor([2, 0], dtype=torch.int32)
-    cu = torch.tensor([0, 3, 4], dtype=torch.int32)
-    start = torch.tensor([0, 9], dtype=torch.int32)
-    dk.pack_verify(anchor, tokens, lengths, cu, start)  # the good call
-
-    def call(**kw):
-        args = dict(anchor=anchor, tokens=tokens, lengths=lengths, cu_verify=cu, start_pos=start)
-        args.update(kw)
-        return dk.pack_verify(args["anchor"], args["tokens"], args["lengths"], args["cu_verify"], args["start_pos"])
-
-    with pytest.raises(ValueError, match="lengths"):
-        call(lengths=torch.tensor([4, 0], dtype=torch.int32), cu_verify=torch.tensor([0, 5, 6], dtype=torch.int32))
-    with pytest.raises(ValueError, match="lengths"):
-        call(lengths=torch.tensor([-1, 0], dtype=torch.int32), cu_verify=torch.tensor([0, 0, 1], dtype=torch.int32))
-    with pytest.raises(ValueError, match="cu_verify"):
-        call(cu_verify=torch.tensor([0, 2, 3], dtype=torch.int32))  # 2 rows for lengths 2
-    with pytest.raises(ValueError, match="cu_verify"):
-        call(cu_verify=torch.tensor([1, 4, 5], dtype=torch.int32))  # does not start at 0
-    with pytest.raises(ValueError, match="cu_verify"):
-        call(cu_verify=torch.tensor([0, 3, 2], dtype=torch.int32))  # shrinking
-    with pytest.raises(ValueError, match="cu_verify"):
-        call(cu_verify=torch.tensor([0, 3], dtype=torch.int32))
-    with pytest.raises(TypeError, match="cu_verify"):
-        call(cu_verify=torch.tensor([0.0, 3.0, 4.0]))
-    with pytest.raises(ValueError, match="anchor"):
-        call(anchor=torch.tensor([1, 2, 3], dtype=torch.int32))
-    with pytest.raises(TypeError, match="anchor"):
-        call(anchor=torch.tensor([1, 2], dtype=torch.int16))
-    with pytest.raises(ValueError, match="tokens"):
-        call(tokens=torch.tensor([3, 4], dtype=torch.int32))
-    with pytest.raises(TypeError, match="tokens"):
-        call(tokens=tokens.float())
-    with pytest.raises(ValueError, match="lengths"):
-        call(lengths=torch.tensor([2], dtype=torch.int32))
-    with pytest.raises(TypeError, match="lengths"):
-        call(lengths=lengths.float())
-    with pytest.raises(ValueError, match="start_pos"):
-        call(start_pos=torch.tensor([[0, 9]], dtype=torch.int32))
-    with pytest.raises(TypeError, match="start_pos"):
-        call(start_pos=start.float())
-    with pytest.raises(ValueError, match="start_pos"):
-        call(start_pos=torch.tensor([0, -1], dtype=torch.int32))
-
-
 def _opcheck_args(backend, num_req=6, gamma=4):
     rng = np.random.default_rng(num_req + gamma)
     batch = random_batch(rng, num_req, gamma)
@@ -211,7 +164,7 @@ def test_compile_fullgraph_matches_eager(backend):
 def test_no_host_sync(backend):
     """CPU proxy for CUDA-graph capture: the implementation itself (argument
     checks aside) reads no device value on the host."""
-    if backend == "triton" and DEVICE == "cpu" and _backend.triton_interpret():
+    if interpreted(backend):
         pytest.skip("the Triton interpreter copies tensors to the host by design")
     args = _opcheck_args(backend)[:-1]
     with HostSyncSpy() as spy:

@@ -1,6 +1,6 @@
 """The shared RNG: known-answer vectors, identical bits on every backend
 (the CUDA header is checked on the host through nvcc), stream/offset/seed
-independence, and uniformity."""
+independence, and uniformity. Argument validation: tests/test_validation.py."""
 
 import shutil
 import subprocess
@@ -12,7 +12,7 @@ import dspark_kernels as dk
 from dspark_kernels import rng
 from dspark_kernels.ops import philox_uniform as op
 
-from conftest import DEVICE, available_backends
+from support import DEVICE, available_backends
 
 
 def _t(x):
@@ -128,15 +128,3 @@ def test_batch_invariance():
     for i in range(3):
         alone = dk.philox_uniform(seeds[i : i + 1], torch.tensor(4), stream=3, n=10)
         assert torch.equal(alone[0], batch[i])
-
-
-def test_bad_arguments_named():
-    seed = torch.tensor([1], dtype=torch.int64)
-    with pytest.raises(TypeError, match="seed"):
-        dk.philox_uniform(seed.int(), torch.tensor(0), stream=1, n=4)
-    with pytest.raises(ValueError, match="offset"):
-        dk.philox_uniform(seed, torch.tensor([0, 1]), stream=1, n=4)
-    with pytest.raises(ValueError, match="position"):
-        dk.philox_uniform(seed, torch.tensor(0), stream=1, position=1 << 16, n=4)
-    with pytest.raises(ValueError, match="stream"):
-        dk.philox_uniform(seed, torch.tensor(0), stream=-1, n=4)

@@ -1,9 +1,9 @@
 """schedule_verify: the paper's worked example, an independent brute-force
 Algorithm 1 / async scheduler over thousands of random batches, the
-structural properties of a schedule, argument validation, non-anticipation
+structural properties of a schedule, non-anticipation
 (paper appendix A), losslessness end to end by Monte Carlo through
 rejection_sample, and capturability (opcheck, torch.compile, no host sync,
-CUDA-graph capture on a GPU)."""
+CUDA-graph capture on a GPU). Argument validation: tests/test_validation.py."""
 
 from __future__ import annotations
 
@@ -14,25 +14,20 @@ import pytest
 import torch
 
 import dspark_kernels as dk
-from dspark_kernels import _backend
 from dspark_kernels.ops import schedule_verify as op
 
 from host_sync import HostSyncSpy
-from conftest import DEVICE, available_backends
 from stats import rate_test
+from support import DEVICE, available_backends, debug_mode, interpreted
 
 BACKENDS = available_backends(op)
 
 
-def slow(backend: str) -> bool:
-    """Triton through its CPU interpreter: ~0.3 s a call at R = 4, ~1 min at R = 1024."""
-    return backend == "triton" and DEVICE == "cpu" and _backend.triton_interpret()
-
-
 def cases(n: int, backend: str) -> int:
-    """Fewer random cases where a backend runs through the Triton interpreter
-    (the full counts run on a GPU, and on CPU for the reference)."""
-    return min(n, 10) if slow(backend) else n
+    """Fewer random cases where a backend runs through the Triton interpreter (~0.3 s a
+    call at R = 4, ~1 min at R = 1024; the full counts run on a GPU, and on CPU for the
+    reference)."""
+    return min(n, 10) if interpreted(backend) else n
 
 # The paper's appendix A table: sps[B] for a verify batch of B tokens.
 PAPER_SPS = [0.0, 1.0, 0.5, 0.45]
@@ -249,8 +244,8 @@ def test_matches_brute_force_small(backend, mode):
     rng = np.random.default_rng(1234 if mode == "causal" else 4321)
     checked = skipped = partial = 0
     for case in range(cases(1500, backend)):
-        num_req = 1 if case % 4 == 0 else int(rng.integers(1, 5 if slow(backend) else 9))
-        gamma = int(rng.integers(1, 9 if slow(backend) else 17))
+        num_req = 1 if case % 4 == 0 else int(rng.integers(1, 5 if interpreted(backend) else 9))
+        gamma = int(rng.integers(1, 9 if interpreted(backend) else 17))
         surv, sps, hist, max_len, active = random_case(rng, num_req, gamma)
         res = check_against_brute_force(backend, surv, sps, mode, hist if mode == "async" else None, max_len, active)
         if res is None:
@@ -258,7 +253,7 @@ def test_matches_brute_force_small(backend, mode):
             continue
         checked += 1
         partial += 0 < res[0] < res[1]
-    if not slow(backend):
+    if not interpreted(backend):
         assert skipped < 0.02 * (checked + skipped), f"{skipped} ambiguous cases: the comparison lost its power"
         # Enough cases cut through the candidate list (neither none nor all admitted).
         assert partial > 0.3 * checked, (partial, checked)
@@ -279,7 +274,7 @@ LARGE_COMBOS = {
 @pytest.mark.parametrize("num_req,gamma", [(64, 4), (1024, 1), (1024, 4), (256, 16), (1000, 7)])
 def test_matches_brute_force_large(backend, mode, num_req, gamma):
     combos = LARGE_COMBOS[mode]
-    if slow(backend):
+    if interpreted(backend):
         if num_req > 64:
             pytest.skip("R >= 256 takes minutes through the Triton interpreter (runs on a GPU)")
         combos = combos[:2]
@@ -294,7 +289,7 @@ def test_matches_brute_force_large(backend, mode, num_req, gamma):
         res = check_against_brute_force(backend, surv, sps, mode, hist, max_len, active)
         assert res is not None, f"test design: {surv_kind}/{sps_kind} is an fp32 coin flip here"
         partial += 0 < res[0] < res[1]
-    assert partial >= 1 if slow(backend) else partial >= 2
+    assert partial >= 1 if interpreted(backend) else partial >= 2
 
 
 # ---------------------------------------------------------------------------
@@ -325,7 +320,7 @@ def admitted_prefix_check(surv, lengths, max_len, active):
 @pytest.mark.parametrize("mode", ["causal", "async"])
 def test_schedule_properties(backend, mode):
     rng = np.random.default_rng(99 if mode == "causal" else 98)
-    for case in range(cases(300, backend) // (2 if slow(backend) else 1)):
+    for case in range(cases(300, backend) // (2 if interpreted(backend) else 1)):
         num_req = int(rng.integers(1, 12))
         gamma = int(rng.integers(1, 17))
         surv, sps, hist, max_len, active = random_case(rng, num_req, gamma)
@@ -369,50 +364,6 @@ def test_edge_shapes(backend):
     # Flat sps: every positive candidate raises τ, zero survival stops the causal scan.
     got = sched(torch.tensor([[1.0, 0.5, 0.0], [0.25, 0.0, 0.0]]), torch.ones(9), backend)
     assert got.lengths.tolist() == [2, 1]
-
-
-def test_validation():
-    sps = torch.ones(16)
-    good = torch.tensor([[0.9, 0.5], [0.7, 0.7]])
-    call = lambda **kw: dk.schedule_verify(kw.pop("survival", good), kw.pop("sps", sps), **kw)
-
-    with pytest.raises(ValueError, match="survival"):
-        call(survival=torch.tensor([[0.5, 0.8], [0.7, 0.7]]))  # increasing along γ
-    with pytest.raises(ValueError, match="survival"):
-        call(survival=torch.tensor([[1.5, 0.5], [0.7, 0.7]]))
-    with pytest.raises(ValueError, match="survival"):
-        call(survival=torch.tensor([[float("nan"), 0.5], [0.7, 0.7]]))
-    with pytest.raises(ValueError, match="survival"):
-        call(survival=torch.tensor([0.9, 0.5]))
-    with pytest.raises(TypeError, match="survival"):
-        call(survival=torch.ones(2, 2, dtype=torch.int32))
-    with pytest.raises(ValueError, match="sps"):
-        call(sps=torch.ones(6))  # needs R·(γ+1) + 1 = 7 entries
-    call(sps=torch.ones(7))  # exactly enough
-    with pytest.raises(ValueError, match="sps"):
-        call(sps=torch.ones(3, 7))
-    with pytest.raises(TypeError, match="sps"):
-        call(sps=torch.ones(7, dtype=torch.int64))
-    with pytest.raises(ValueError, match="sps"):
-        call(sps=-torch.ones(7))
-    with pytest.raises(ValueError, match="mode"):
-        call(mode="greedy")
-    with pytest.raises(ValueError, match="history"):
-        call(mode="async")
-    with pytest.raises(ValueError, match="history"):
-        call(mode="async", history=torch.ones(3, 2))
-    with pytest.raises(ValueError, match="history"):
-        call(mode="async", history=torch.tensor([[0.1, 0.5], [0.7, 0.7]]))
-    with pytest.raises(TypeError, match="history"):
-        call(mode="async", history=torch.ones(2, 2, dtype=torch.int64))
-    with pytest.raises(TypeError, match="max_len"):
-        call(max_len=torch.ones(2))
-    with pytest.raises(ValueError, match="max_len"):
-        call(max_len=torch.ones(3, dtype=torch.int32))
-    with pytest.raises(TypeError, match="active"):
-        call(active=torch.ones(2, dtype=torch.int32))
-    with pytest.raises(ValueError, match="active"):
-        call(active=torch.ones(1, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------
@@ -648,7 +599,7 @@ def test_compile_fullgraph_matches_eager(backend, mode):
 
 
 def _needs_real_device(backend):
-    if backend == "triton" and DEVICE == "cpu" and _backend.triton_interpret():
+    if interpreted(backend):
         pytest.skip("the Triton interpreter copies tensors to the host by design")
 
 
@@ -669,7 +620,11 @@ def test_no_host_sync(backend, mode):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["causal", "async"])
 def test_cuda_graph_capture(backend, mode):
-    dk.set_debug(False)  # value checks would sync
+    with debug_mode(False):  # value checks would sync
+        _check_graph_capture(backend, mode)
+
+
+def _check_graph_capture(backend, mode):
     rng = np.random.default_rng(17)
     num_req, gamma = 9, 5
     static = [None if a is None else a.cuda() for a in _pipeline_inputs(rng, num_req, gamma, mode)]

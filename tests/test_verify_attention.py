@@ -1,10 +1,11 @@
 """verify_attention: the reference against an independent dense formulation,
 every backend against both on ragged paged batches (chains, random trees,
 windows, soft-caps, GQA, empty requests, padding rows, non-contiguous inputs),
-flash-decoding splits, argument validation, the NaN policy, no host sync in the
+flash-decoding splits, the tree-size limit, the NaN policy, no host sync in the
 Triton launcher (grid from static bounds), opcheck / torch.compile, and a smoke
 run of the benchmark. GPU only: bf16/fp16 within a bound relative to PyTorch's
-own error at that precision, 128k contexts, CUDA-graph capture and replay."""
+own error at that precision, 128k contexts, CUDA-graph capture and replay.
+Argument validation: tests/test_validation.py."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import pytest
 import torch
 
 from dspark_kernels import _backend
-from dspark_kernels import _checks
 from dspark_kernels.ops import verify_attention as op
 
 from host_sync import HostSyncSpy
-from conftest import DEVICE, available_backends, interpreted
+from paged_batch import ancestors, make_batch
+from support import DEVICE, available_backends, debug_mode, interpreted
 
 BACKENDS = available_backends(op)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,88 +42,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 # ---------------------------------------------------------------------------
-# Building batches.
+# The independent formulation (batches: tests/paged_batch.py).
 # ---------------------------------------------------------------------------
-
-
-def random_parents(n: int, g: torch.Generator) -> list[int]:
-    """A random tree over the block in topological order: parent[t] < t, token 0 is the root."""
-    return [-1] + [int(torch.randint(0, t, (1,), generator=g)) for t in range(1, n)]
-
-
-def ancestors(parents: list[int], t: int) -> set[int]:
-    out = {t}
-    while parents[t] >= 0:
-        t = parents[t]
-        out.add(t)
-    return out
-
-
-def pack_rows(rows: list[set[int]], words: int) -> torch.Tensor:
-    """Bit j of word j // 32 for each j in the row's set, as int32 (two's complement)."""
-    packed = torch.zeros((len(rows), words), dtype=torch.int64)
-    for i, row in enumerate(rows):
-        for j in row:
-            packed[i, j // 32] += 1 << (j % 32)
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
-    return packed.to(torch.int32)
-
-
-def make_batch(ns, ctx, *, hkv=2, group=4, dim=16, page_size=3, tree=False, words=2, pad_rows=2,
-               noncontig=False, dtype=torch.float32, qscale=1.0, seed=0, index_dtype=torch.int32,
-               spare_pages=3, max_pages=None, rows=None):
-    """Random ragged batch; pages of every request scattered by a random permutation.
-
-    max_pages / rows fix the page-table width and q's row count (capacity for
-    CUDA-graph replays with other lengths); noncontig makes every tensor a
-    strided view (q, caches, page table, tree mask, kv_lens, cu_verify)."""
-    g = torch.Generator().manual_seed(seed)
-    num_req = len(ns)
-    kv_lens = [c + n for c, n in zip(ctx, ns)]
-    need = [math.ceil(L / page_size) for L in kv_lens]
-    max_pages = max(need + [0]) + 1 if max_pages is None else max_pages
-    assert max_pages >= max(need + [0])
-    num_pages = sum(need) + spare_pages
-    perm = torch.randperm(num_pages, generator=g)
-    page_table = torch.full((num_req, max_pages), -1, dtype=torch.int32)  # unused entries: never read
-    used = 0
-    for r in range(num_req):
-        page_table[r, : need[r]] = perm[used: used + need[r]].to(torch.int32)
-        used += need[r]
-    cu = [0]
-    for n in ns:
-        cu.append(cu[-1] + n)
-    rows = cu[-1] + pad_rows if rows is None else rows
-    assert rows >= cu[-1]
-    hq = hkv * group
-    parents = [random_parents(n, g) if tree else None for n in ns]
-    tree_mask = None
-    if tree:
-        sets = [ancestors(p, t) for p, n in zip(parents, ns) for t in range(n)] + [set()] * (rows - cu[-1])
-        tree_mask = pack_rows(sets, words)
-    kv_lens = torch.tensor(kv_lens, dtype=index_dtype)
-    cu = torch.tensor(cu, dtype=index_dtype)
-    page_table = page_table.to(index_dtype)
-    to = lambda t: None if t is None else t.to(DEVICE)
-    if noncontig:  # views made on the device: .to(device) would make them contiguous
-        # q with every stride != the contiguous one; k/v interleaved in one buffer
-        q = to((torch.randn(hq, rows, 2 * dim, generator=g) * qscale).to(dtype)).transpose(0, 1)[..., ::2]
-        kv = to(torch.randn(num_pages, page_size, 2, hkv, dim, generator=g).to(dtype))
-        k, v = kv[:, :, 0], kv[:, :, 1]
-        page_table = to(torch.stack([page_table, torch.full_like(page_table, 10**6)], -1))[..., 0]
-        kv_lens = to(torch.stack([kv_lens, -kv_lens], -1))[:, 0]
-        cu = to(torch.stack([cu, -cu], -1))[:, 0]
-        if tree_mask is not None:
-            tree_mask = to(tree_mask.T.contiguous()).T
-        assert not any(t.is_contiguous() for t in (q, k, v, page_table))
-    else:
-        q = to((torch.randn(rows, hq, dim, generator=g) * qscale).to(dtype))
-        k = to(torch.randn(num_pages, page_size, hkv, dim, generator=g).to(dtype))
-        v = to(torch.randn(num_pages, page_size, hkv, dim, generator=g).to(dtype))
-        page_table, kv_lens, cu, tree_mask = to(page_table), to(kv_lens), to(cu), to(tree_mask)
-    args = dict(q=q, k_cache=k, v_cache=v, page_table=page_table, kv_lens=kv_lens, cu_verify=cu,
-                tree_mask=tree_mask)
-    return args, parents
 
 
 def dense(args, parents, *, sm_scale=None, window=-1, softcap=0.0, dtype=torch.float64):
@@ -536,9 +457,7 @@ def test_triton_launcher_no_host_sync_static_grid(monkeypatch, tree, kw):
 def test_no_host_sync_cuda(backend):
     """On CUDA tensors (debug mode off) the kernel path reads nothing back: no sync
     op under the spy, and CUDA's own sync detector stays silent over the public op."""
-    prev = _checks.debug_enabled()
-    _checks.set_debug(False)
-    try:
+    with debug_mode(False):
         args, _ = make_batch([3, 1, 4], [600, 0, 30], tree=True, page_size=16)
         op.verify_attention(**args, backend=backend, window=9, return_lse=True)  # compile outside the checks
         torch.cuda.synchronize()
@@ -550,8 +469,6 @@ def test_no_host_sync_cuda(backend):
             op.verify_attention(**args, backend=backend, window=9, return_lse=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    finally:
-        _checks.set_debug(prev)
 
 
 @pytest.mark.gpu
@@ -561,9 +478,7 @@ def test_cuda_graph_capture_replay(backend, variant):
     """Capture once, replay with new values AND new ragged lengths of the same
     shapes (q rows, page-table width, cache size): each replay equals an eager call
     bit for bit and the reference within fp32 tolerance."""
-    prev = _checks.debug_enabled()
-    _checks.set_debug(False)  # value checks would sync
-    try:
+    with debug_mode(False):  # value checks would sync
         tree = variant != "chain_splits"
         kw = {} if not tree else dict(window=128, softcap=20.0)
         shape = dict(hkv=2, group=4, dim=64, page_size=16, tree=tree, max_pages=200, rows=40, spare_pages=0)
@@ -597,92 +512,6 @@ def test_cuda_graph_capture_replay(backend, variant):
             assert torch.equal(g_out, e_out) and torch.equal(g_lse, e_lse)
             r_out, r_lse = run("reference", fresh, **kw)
             assert_close(g_out, g_lse, r_out.cpu(), r_lse.cpu(), torch.float32, int(fresh["cu_verify"][-1]))
-    finally:
-        _checks.set_debug(prev)
-
-
-# ---------------------------------------------------------------------------
-# Validation: every message names the argument.
-# ---------------------------------------------------------------------------
-
-
-def _good():
-    args, _ = make_batch([2, 3], [4, 1], tree=True)
-    return {k: v.cpu() for k, v in args.items()}
-
-
-def _bad(**changes):
-    a = _good()
-    for k, v in changes.items():
-        a[k] = v(a) if callable(v) else v
-    return a
-
-
-BAD = [
-    (ValueError, "q must have 3 dimensions", dict(q=lambda a: a["q"][0])),
-    (TypeError, "q must have dtype", dict(q=lambda a: a["q"].double())),
-    (ValueError, "k_cache must have 4 dimensions", dict(k_cache=lambda a: a["k_cache"][0])),
-    (TypeError, "k_cache has dtype float16", dict(k_cache=lambda a: a["k_cache"].half())),
-    (TypeError, "v_cache has dtype bfloat16", dict(v_cache=lambda a: a["v_cache"].bfloat16())),
-    (ValueError, r"k_cache must have shape \(P, S, Hkv, D\) = \(\d+, \d+, \d+, 16\)", dict(k_cache=lambda a: a["k_cache"][..., :15])),
-    (ValueError, "v_cache must have shape", dict(v_cache=lambda a: a["v_cache"][:, :2])),
-    (ValueError, "q has 5 heads, not a positive multiple", dict(q=lambda a: a["q"][:, :5])),
-    (ValueError, "q has 0 heads, not a positive multiple", dict(q=lambda a: a["q"][:, :0])),
-    (ValueError, "v_cache must have 4 dimensions", dict(v_cache=lambda a: a["v_cache"][0])),
-    (ValueError, "k_cache dims must be positive", dict(k_cache=lambda a: a["k_cache"][:, :0],
-                                                       v_cache=lambda a: a["v_cache"][:, :0])),
-    (TypeError, "kv_lens must have dtype", dict(kv_lens=lambda a: a["kv_lens"].float())),
-    (TypeError, "cu_verify must have dtype", dict(cu_verify=lambda a: a["cu_verify"].float())),
-    (ValueError, "tree_mask must have 2 dimensions", dict(tree_mask=lambda a: a["tree_mask"][0])),
-    (ValueError, "page_table is on meta", dict(page_table=lambda a: a["page_table"].to("meta"))),
-    (ValueError, "tree_mask is on meta", dict(tree_mask=lambda a: a["tree_mask"].to("meta"))),
-    (TypeError, "page_table must have dtype", dict(page_table=lambda a: a["page_table"].float())),
-    (ValueError, "page_table must have 2 dimensions", dict(page_table=lambda a: a["page_table"][0])),
-    (ValueError, "kv_lens must have shape", dict(kv_lens=lambda a: a["kv_lens"][:1])),
-    (ValueError, "cu_verify must have shape", dict(cu_verify=lambda a: a["cu_verify"][:2])),
-    (TypeError, "tree_mask must have dtype", dict(tree_mask=lambda a: a["tree_mask"].long())),
-    (ValueError, "tree_mask must have shape", dict(tree_mask=lambda a: torch.zeros(7, 3, dtype=torch.int32))),
-    (ValueError, "tree_mask must have shape", dict(tree_mask=lambda a: a["tree_mask"][:3])),
-    # value checks
-    (ValueError, "cu_verify must start at 0", dict(cu_verify=torch.tensor([1, 2, 5], dtype=torch.int32))),
-    (ValueError, "cu_verify must start at 0", dict(cu_verify=torch.tensor([0, 3, 2], dtype=torch.int32))),
-    (ValueError, "cu_verify must start at 0", dict(cu_verify=torch.tensor([0, 3, 8], dtype=torch.int32))),
-    (ValueError, "kv_lens must include the verify tokens", dict(kv_lens=torch.tensor([6, 2], dtype=torch.int32))),
-    (ValueError, "kv_lens must be >= 0", dict(kv_lens=torch.tensor([6, -1], dtype=torch.int32),
-                                              cu_verify=torch.tensor([0, 2, 2], dtype=torch.int32))),
-    (ValueError, "page_table has 3 pages per request", dict(kv_lens=torch.tensor([6, 10], dtype=torch.int32))),
-    (ValueError, "page_table holds page ids outside", dict(page_table=lambda a: a["page_table"].index_fill(1, torch.tensor([0]), 99))),
-    (ValueError, "page_table holds page ids outside", dict(page_table=lambda a: a["page_table"].index_fill(1, torch.tensor([0]), -1))),
-    (ValueError, "tree_mask row t must set bit t", dict(tree_mask=lambda a: a["tree_mask"] & ~torch.tensor([[2, 0]], dtype=torch.int32))),
-    (ValueError, "tree_mask row t may set only bits j <= t", dict(tree_mask=lambda a: a["tree_mask"] | torch.tensor([[4, 0]], dtype=torch.int32))),
-    (ValueError, "tree_mask row t may set only bits j <= t", dict(tree_mask=lambda a: a["tree_mask"] | torch.tensor([[0, 1]], dtype=torch.int32))),
-]
-
-
-@pytest.mark.parametrize("exc,match,changes", BAD, ids=[m for _, m, _ in BAD])
-def test_bad_arguments_named(exc, match, changes):
-    with pytest.raises(exc, match=match):
-        op.verify_attention(**_bad(**changes), backend="reference")
-
-
-def test_bad_scalars_named():
-    for kw, match in ((dict(window=0), "window"), (dict(window=-2), "window"), (dict(softcap=-1.0), "softcap"),
-                      (dict(softcap=float("inf")), "softcap"), (dict(sm_scale=0.0), "sm_scale"),
-                      (dict(sm_scale=float("nan")), "sm_scale")):
-        with pytest.raises(ValueError, match=match):
-            op.verify_attention(**_good(), **kw)
-
-
-def test_tree_limit_64_tokens():
-    args, _ = make_batch([65], [0], hkv=1, group=1, pad_rows=0)
-    args = {k: v.cpu() if v is not None else v for k, v in args.items()}
-    rows = [set(range(min(t + 1, 64))) for t in range(65)]  # bit 64 does not fit: checked first
-    with pytest.raises(ValueError, match="tree_mask holds 64 tokens per row but a request verifies 65"):
-        op.verify_attention(**dict(args, tree_mask=pack_rows(rows, 2)))
-    with pytest.raises(ValueError, match="tree_mask holds 32 tokens"):
-        op.verify_attention(**dict(args, tree_mask=pack_rows([{0}] * 65, 1)))
-    # without a tree, long blocks are fine
-    assert op.verify_attention(**args).shape == args["q"].shape
 
 
 # ---------------------------------------------------------------------------

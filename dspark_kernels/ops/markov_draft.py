@@ -195,5 +195,30 @@ def markov_draft(
         MarkovDraft(tokens [R, γ] int32, token_probs [R, γ] fp32,
         confidence [R, γ] fp32 | None, survival [R, γ] fp32 | None,
         draft_probs [R, γ, V] fp32 | None, draft_logits [R, γ, V] fp32 | None).
+
+    Examples:
+        A greedy vanilla head: each token is the argmax of U_k + W2·W1[x_{k-1}].
+
+        >>> import torch, dspark_kernels as dk
+        >>> V, r = 4, 2
+        >>> w1 = torch.eye(V, r); w2 = torch.tensor([[0.0, 0.0], [9.0, 0.0], [0.0, 9.0], [0.0, 0.0]])
+        >>> out = dk.markov_draft(torch.zeros(1, 3, V), torch.tensor([0]), w1, w2, torch.tensor([0.0]),
+        ...                       torch.tensor([1]), torch.tensor(0))
+        >>> out.tokens.tolist(), out.token_probs.tolist(), out.confidence
+        ([[1, 2, 0]], [[1.0, 1.0, 1.0]], None)
     """
     return OP(locals())
+
+
+def example(device="cpu") -> dict:
+    """Small valid keyword arguments of markov_draft, gated head with confidence (tests, overhead benchmark)."""
+    g = torch.Generator().manual_seed(0)
+    R, G, V, r, d = 3, 4, 11, 5, 6
+    x = dict(base_logits=torch.randn(R, G, V, generator=g), anchor=torch.tensor([1, 2, 3]),
+             w1=torch.randn(V, r, generator=g), w2=torch.randn(V, r, generator=g),
+             temperature=torch.tensor([1.0, 0.0, 0.5]), seed=torch.arange(R, dtype=torch.int64),
+             offset=torch.tensor(7, dtype=torch.int64), hidden=torch.randn(R, G, d, generator=g),
+             conf_weight=torch.randn(d + r, generator=g), conf_bias=torch.tensor(0.1),
+             sts_temperature=torch.full((G,), 1.3), gate_weight=torch.randn(r, d + r, generator=g),
+             gate_bias=torch.randn(r, generator=g))
+    return dict({k: v.to(device) for k, v in x.items()}, return_draft_probs=True, return_draft_logits=True)

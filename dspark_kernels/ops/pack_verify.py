@@ -85,3 +85,11 @@ def pack_verify(
         ([5, 7, 8, 6, -1, -1], [100, 101, 102, 200, -1, -1])
     """
     return OP(locals())
+
+
+def example(device="cpu") -> dict:
+    """Small valid keyword arguments of pack_verify (tests, overhead benchmark)."""
+    i32 = dict(dtype=torch.int32, device=device)
+    return dict(anchor=torch.tensor([5, 6, 7], **i32), tokens=torch.tensor([[7, 8], [9, 10], [11, 12]], **i32),
+                lengths=torch.tensor([2, 0, 1], **i32), cu_verify=torch.tensor([0, 3, 4, 6], **i32),
+                start_pos=torch.tensor([100, 200, 300], **i32))

@@ -77,3 +77,9 @@ def philox_uniform(
         (torch.Size([1, 4]), True)
     """
     return OP(locals())
+
+
+def example(device="cpu") -> dict:
+    """Small valid keyword arguments of philox_uniform (tests, overhead benchmark)."""
+    return dict(seed=torch.arange(3, dtype=torch.int64, device=device) + 5,
+                offset=torch.tensor(2, dtype=torch.int64, device=device), stream=rng.STREAM_ACCEPT, position=1, n=9)

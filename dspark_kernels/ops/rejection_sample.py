@@ -116,6 +116,23 @@ def rejection_sample(
     if that has no mass); if all l are accepted emit a bonus sample of p_l.
     Temperature 0 rows are greedy: accept while x_j == argmax p_{j-1}, then emit
     that argmax. The emitted tokens follow the target distribution exactly.
+    A request with no verify rows emits nothing (all -1, num_accepted 0).
+
+    Target distribution of a row: z = logits / T; top-k keeps every token whose
+    z is >= the k-th largest z (ties at the boundary kept); then top-p keeps
+    token i iff the mass of the tokens strictly more probable than i is < top_p
+    (ties kept together); the kept probabilities are renormalised. Draft
+    distribution q_j: draft_probs[r, j]; or softmax(draft_logits[r, j] /
+    draft_temperature[r]) (one-hot at the argmax when that temperature is
+    greedy), p_d(x_j) taken from draft_token_probs when given (q then read only
+    at the first rejection); or e_{x_j} (one-hot drafts) when neither is given.
+
+    Randomness (Philox, dspark_kernels.rng): the coin of draft j is uniform
+    (seed[r], offset, STREAM_ACCEPT, position j-1, index 0), accepting iff
+    u · q_j(x_j) < p_{j-1}(x_j); the residual and bonus draws are Gumbel-max
+    races over vocab ids on STREAM_RESIDUAL / STREAM_BONUS at position n_acc.
+    The same seed and offset give the same tokens on every backend (up to fp32
+    rounding of the normalisers, which can only flip a near-tie).
 
     Args:
         target_logits: [T, V] bf16/fp16/fp32; row cu_verify[r] + j is the target's
@@ -139,5 +156,31 @@ def rejection_sample(
     Returns:
         tokens [R, γ + 1] int32 (accepted drafts, then the residual/bonus token,
         then -1), num_accepted [R] int32.
+
+    Examples:
+        Greedy target (temperature 0) whose argmax after the anchor is 2, then 3:
+        draft [2, 5] keeps 2, rejects 5 and emits the target's 3.
+
+        >>> import torch, dspark_kernels as dk
+        >>> logits = torch.full((3, 6), -5.0)
+        >>> logits[0, 2] = logits[1, 3] = logits[2, 1] = 5.0
+        >>> tokens, n = dk.rejection_sample(logits, torch.tensor([[2, 5]]), None, torch.tensor([2]),
+        ...                                 torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0.0]),
+        ...                                 torch.tensor([7]), torch.tensor(0))
+        >>> tokens.tolist(), n.tolist()
+        ([[2, 3, -1]], [1])
     """
     return OP(locals())
+
+
+def example(device="cpu") -> dict:
+    """Small valid keyword arguments of rejection_sample (tests, overhead benchmark)."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([4, 0, 2], dtype=torch.int32)
+    cu = torch.tensor([0, 5, 6, 9], dtype=torch.int32)
+    x = dict(target_logits=torch.randn(11, 13, generator=g), draft_tokens=torch.randint(0, 13, (3, 4), generator=g),
+             draft_probs=torch.softmax(torch.randn(3, 4, 13, generator=g), -1), lengths=lengths, cu_verify=cu,
+             temperature=torch.tensor([1.0, 0.0, 0.7]), seed=torch.arange(3, dtype=torch.int64) + 11,
+             offset=torch.tensor(3, dtype=torch.int64), top_k=torch.tensor([3, 0, 5]),
+             top_p=torch.tensor([0.9, 1.0, 0.8]))
+    return {k: v.to(device) for k, v in x.items()}

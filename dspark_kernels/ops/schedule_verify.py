@@ -107,15 +107,20 @@ def schedule_verify(
 ) -> Schedule:
     """Choose how many drafts each request verifies, maximising τ·sps[B].
 
-    Math: candidates (r, j) of active requests, j < max_len[r], are worth their
-    survival a[r, j]; in order (survival desc, request, position), admitting k
-    of them gives B_k = A + k verify tokens and τ_k = A + Σ a expected tokens
-    (A = active requests, each verifying its anchor). "causal" (paper Alg. 1)
-    admits while τ·sps[B] rises and stops at the first candidate that does not
-    raise it; "async" (paper §5.2) picks K = argmax_k τ_k·sps[B_k] over the whole
-    path of `history` (survival two steps earlier), then admits the top-K
-    candidates by current survival. Admission is prefix-closed per request.
-    Sorts, scans and scatters of static shape: no host sync, capturable.
+    Math: candidates (r, j) of active requests, j < min(max_len[r], γ), are
+    worth their survival a[r, j] (the probability that drafts 1..j+1 are all
+    accepted: the expected extra token). They are admitted in one order:
+    survival descending, then request, then position (prefix-closed per
+    request, since survival is non-increasing along j). Admitting the first k
+    gives B_k = A + k verify tokens and τ_k = A + Σ_{i<k} a_i expected tokens
+    (A = active requests, each verifying its anchor).
+    "causal" (paper Alg. 1): admit while τ_k·sps[B_k] > τ_{k-1}·sps[B_{k-1}]
+    and stop at the first candidate that does not raise it (the early stop
+    keeps the decision independent of unrealised drafts: paper appendix A).
+    "async" (paper §5.2): K = argmax_k τ'_k·sps[B_k] over the whole admission
+    path of `history` (survival two steps earlier; first maximum on ties),
+    then admit the top-K candidates by current survival.
+    Static shapes, no host sync: capturable in a CUDA graph.
 
     Args:
         survival: [R, γ] float (fp64/fp32/fp16/bf16) in [0, 1], non-increasing along γ (Π c_i).
@@ -139,3 +144,14 @@ def schedule_verify(
         ([0], [0, 1], 1)
     """
     return OP(locals())
+
+
+def example(device="cpu") -> dict:
+    """Small valid keyword arguments of schedule_verify (tests, overhead benchmark)."""
+    g = torch.Generator().manual_seed(0)
+    surv = torch.cumprod(0.5 + 0.5 * torch.rand(4, 3, generator=g), 1)
+    hist = torch.cumprod(0.5 + 0.5 * torch.rand(4, 3, generator=g), 1)
+    sps = 1.0 / torch.clamp(torch.arange(17, dtype=torch.float32) / 6.0, min=1.0)
+    return dict(survival=surv.to(device), sps=sps.to(device), mode="async", history=hist.to(device),
+                max_len=torch.tensor([3, 1, 2, 3], dtype=torch.int32, device=device),
+                active=torch.tensor([True, True, False, True], device=device))

@@ -198,5 +198,29 @@ def verify_attention(
 
     Returns:
         out [T, Hq, D] in q's dtype, or (out, lse) when return_lse.
+
+    Examples:
+        One request, 2 context keys then a 2-token chain, one page of 4 slots:
+        the first verify row sees 3 keys, the second all 4.
+
+        >>> import torch, dspark_kernels as dk
+        >>> q = torch.randn(2, 1, 8); k = torch.randn(1, 4, 1, 8); v = torch.randn(1, 4, 1, 8)
+        >>> out, lse = dk.verify_attention(q, k, v, torch.tensor([[0]], dtype=torch.int32),
+        ...                                torch.tensor([4], dtype=torch.int32),
+        ...                                torch.tensor([0, 2], dtype=torch.int32), return_lse=True)
+        >>> z = (q[:, 0] @ k[0, :, 0].T) / 8 ** 0.5
+        >>> bool(torch.allclose(lse[:, 0], torch.stack([z[0, :3].logsumexp(0), z[1].logsumexp(0)]), atol=1e-5))
+        True
     """
     return OP(locals())
+
+
+def example(device="cpu") -> dict:
+    """Small valid keyword arguments of verify_attention (tests, overhead benchmark)."""
+    g = torch.Generator().manual_seed(0)
+    i32 = dict(dtype=torch.int32, device=device)
+    return dict(q=torch.randn(5, 4, 8, generator=g).to(device), k_cache=torch.randn(3, 4, 2, 8, generator=g).to(device),
+                v_cache=torch.randn(3, 4, 2, 8, generator=g).to(device),
+                page_table=torch.tensor([[0, 1], [2, 0]], **i32), kv_lens=torch.tensor([6, 3], **i32),
+                cu_verify=torch.tensor([0, 3, 5], **i32), tree_mask=torch.tensor([[1], [3], [5], [1], [3]], **i32),
+                window=5, softcap=10.0, return_lse=True)

@@ -1,26 +1,11 @@
-"""Reference rejection_sample: implements dspark_kernels.rejection_sample (Leviathan et al. 2023; Chen et al. 2023).
+"""Reference rejection_sample: implements dspark_kernels.rejection_sample (Leviathan et al. 2023;
+Chen et al. 2023), vectorised over requests in fp32.
 
-For request r with l = lengths[r] drafts x_1..x_l, drafted from q_1..q_l, and
-target rows p_0..p_l (row cu_verify[r] + j is the target's distribution after
-the anchor and drafts 1..j, after temperature / top-k / top-p):
-
-    for j = 1..l:  accept x_j iff u_j * q_j(x_j) < p_{j-1}(x_j)   (prob min(1, p/q))
-                   (greedy rows, T < 1e-5: iff x_j == argmax p_{j-1})
-    first rejection at j: emit y ~ norm(max(0, p_{j-1} - q_j)), or p_{j-1}
-                          when that residual has no mass; greedy: argmax p_{j-1}
-    all accepted:  emit the bonus y ~ p_l
-
-so every emitted token follows the target distribution exactly. A request
-with no verify rows (cu_verify[r+1] == cu_verify[r], inactive in the
-schedule) emits nothing: its tokens are all -1 and num_accepted is 0. Coins, residual
-draws and bonus draws use the disjoint Philox streams ACCEPT (position j-1,
-index 0), RESIDUAL (position j-1) and BONUS (position l).
-
-Draft distribution modes: draft_probs [R, γ, V] given (q read from it); or
-draft_logits [R, γ, V] (q = softmax(draft_logits / draft_temperature), one-hot
-at the argmax when that temperature is 0) with p_d(x_j) taken from
-draft_token_probs when given (byte-minimal: q is materialised only at the
-first rejection); or neither (one-hot drafts: q_j = e_{x_j}).
+Strategy: the target distribution of every verify row (filtered_probs), the
+acceptance of every draft at once, the accepted prefix as a cumprod of the
+accept flags, then one Gumbel race per request for the residual (rejected) or
+the bonus (all accepted) token, and a final select. Every row and draft is
+read whatever the outcome: the reference is the definition, not the fast path.
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
-"""Reference hardware-aware prefix scheduler (DSpark Algorithm 1, §3.2.2, §5.2).
+"""Reference schedule_verify: implements dspark_kernels.schedule_verify (DSpark Algorithm 1, §3.2.2, §5.2).
 
-Candidates are the drafts (r, j), j < min(max_len[r], γ), of active requests,
-each worth its survival a[r, j] (the probability that drafts 1..j+1 are all
-accepted, i.e. its expected extra token). They are admitted in one order:
-survival descending, then request, then position (the tie-break every
-backend uses; it keeps admission prefix-closed because survival is
-non-increasing along j). With A active requests and the first k candidates
-admitted, B_k = A + k verify tokens and τ_k = A + Σ_{i<k} a_i expected tokens:
-
-    causal: admit while τ_k · sps[B_k] > τ_{k-1} · sps[B_{k-1}] and stop at
-            the first candidate that does not raise it (the early stop keeps
-            the decision independent of unrealised drafts: appendix A).
-    async:  K = argmax_k τ'_k · sps[B_k] over the whole admission path of the
-            survival `history` (two steps old; first maximum on ties), then
-            admit the top-K candidates by current survival.
-
-Everything is sorts, scans and scatters of static shape: no host sync, so the
-op is capturable in a CUDA graph.
+Strategy: one stable sort of the masked [R, γ] survival (ties by flat index
+r·γ + j, which is the contract's order), prefix sums of the gains for τ_k and
+Θ_k = τ_k · sps[B_k] along the admission path, the admitted count K by a
+cumprod of "Θ rises" (causal) or the first argmax of the history's path
+(async), and a scatter back to per-request lengths. Sorts, scans and
+scatters of static shape: no host sync, so the op is capturable in a CUDA graph.
 """
 
 from __future__ import annotations

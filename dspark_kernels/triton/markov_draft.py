@@ -26,8 +26,8 @@ import triton.language as tl
 from .. import constants as C
 from ..reference.markov_draft import Steps, draft_block
 from . import rng
+from .sampling import greedy_and_scale, scaled_tile, softmax_stats
 
-GREEDY_TEMPERATURE = tl.constexpr(C.GREEDY_TEMPERATURE)
 STREAM_DRAFT = tl.constexpr(C.STREAM_DRAFT)
 
 # 16 requests x 128 vocab ids per tile: tl.dot needs >= 16 on each side, and
@@ -71,8 +71,7 @@ def _step_tile_kernel(
     if STORE_LOGITS:
         tl.store(logits_ptr + rows64[:, None] * stride_lr + cols64[None, :] * stride_lv, z, mask=ok)
 
-    temp = tl.load(temp_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
-    t = tl.where(temp >= GREEDY_TEMPERATURE, temp, 1.0)
+    _rows_greedy, t = greedy_and_scale(tl.load(temp_ptr + rows, mask=row_ok, other=1.0))
     zt = tl.math.div_rn(z, t[:, None])
     seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)
     offset = tl.load(offset_ptr)
@@ -102,9 +101,7 @@ def _step_reduce_kernel(
     BLOCK_T: tl.constexpr,
 ):
     r = tl.program_id(0)
-    temp = tl.load(temp_ptr + r).to(tl.float32)
-    greedy = temp < GREEDY_TEMPERATURE
-    t = tl.where(greedy, 1.0, temp)
+    greedy, t = greedy_and_scale(tl.load(temp_ptr + r))
     base = r.to(tl.int64) * num_tiles
     best = tl.full((), float("-inf"), tl.float32)
     best_arg = tl.full((), 0, tl.int32)
@@ -147,29 +144,16 @@ def _step_reduce_kernel(
 def _probs_kernel(logits_ptr, probs_ptr, temp_ptr, tokens_ptr, gamma, vocab, BLOCK: tl.constexpr):
     """draft_probs[r, k] = softmax(z / T) from the stored z (one-hot at x_k for greedy rows)."""
     row = tl.program_id(0)  # r * gamma + k
-    r = row // gamma
-    temp = tl.load(temp_ptr + r).to(tl.float32)
-    greedy = temp < GREEDY_TEMPERATURE
-    t = tl.where(greedy, 1.0, temp)
+    greedy, t = greedy_and_scale(tl.load(temp_ptr + row // gamma))
     x = tl.load(tokens_ptr + row)
-    base = row.to(tl.int64) * vocab
+    base = logits_ptr + row.to(tl.int64) * vocab
+    m, s, _first_max = softmax_stats(base, vocab, t, True, BLOCK)
     offs = tl.arange(0, BLOCK)
-    m = tl.full((), float("-inf"), tl.float32)
     for v0 in range(0, vocab, BLOCK):
         idx = v0 + offs
-        z = tl.load(logits_ptr + base + idx, mask=idx < vocab, other=float("-inf"))
-        m = tl.maximum(m, tl.max(tl.math.div_rn(z, t), 0))
-    s = tl.full((), 0.0, tl.float32)
-    for v0 in range(0, vocab, BLOCK):
-        idx = v0 + offs
-        z = tl.load(logits_ptr + base + idx, mask=idx < vocab, other=float("-inf"))
-        s += tl.sum(tl.where(idx < vocab, tl.exp(tl.math.div_rn(z, t) - m), 0.0), 0)
-    for v0 in range(0, vocab, BLOCK):
-        idx = v0 + offs
-        z = tl.load(logits_ptr + base + idx, mask=idx < vocab, other=float("-inf"))
-        p = tl.exp(tl.math.div_rn(z, t) - m) / s
+        p = tl.exp(scaled_tile(base, idx, idx < vocab, t) - m) / s
         p = tl.where(greedy, tl.where(idx == x, 1.0, 0.0), p)
-        tl.store(probs_ptr + base + idx, p, mask=idx < vocab)
+        tl.store(probs_ptr + row.to(tl.int64) * vocab + idx, p, mask=idx < vocab)
 
 
 class _Workspace(NamedTuple):

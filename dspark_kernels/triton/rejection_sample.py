@@ -1,4 +1,4 @@
-"""Triton chain rejection sampling, token-for-token the reference's algorithm.
+"""Triton rejection_sample: implements dspark_kernels.rejection_sample, token for token the reference.
 
 Two kernels, no host sync, grids from static shapes only:
 
@@ -26,42 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import rng as _rng
+from .. import constants as C
 from . import rng
-from ..reference.sampling import GREEDY_TEMPERATURE as _GREEDY_T
-
-# Rows below this temperature are greedy (see reference/sampling.py).
-GREEDY_TEMPERATURE = tl.constexpr(_GREEDY_T)
+from .sampling import argmax_update, greedy_and_scale, key_to_float, ordered_key, scaled_tile, softmax_stats
 
 # One tile of the vocabulary per loop iteration. 1024 fp32 lanes = 4 KB per
 # tile keeps registers modest for 4 warps and needs 149 tiles at V = 151936.
 BLOCK_V = 1024
 
-STREAM_ACCEPT = tl.constexpr(_rng.STREAM_ACCEPT)
-STREAM_RESIDUAL = tl.constexpr(_rng.STREAM_RESIDUAL)
-STREAM_BONUS = tl.constexpr(_rng.STREAM_BONUS)
-
-
-@triton.jit
-def _ordered_key(x):
-    """Monotone int32 image of fp32 (negative floats flipped)."""
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-
-
-@triton.jit
-def _key_to_float(key):
-    """Inverse of _ordered_key; takes the key in int64 (bisection midpoints need 33 bits)."""
-    k32 = key.to(tl.int32)
-    return tl.where(k32 >= 0, k32, k32 ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _argmax_update(best, best_idx, scores, v0):
-    """Running first-index argmax over tiles starting at v0 (strict > keeps the earlier tile)."""
-    tile_best, tile_idx = tl.max(scores, 0, return_indices=True, return_indices_tie_break_left=True)
-    better = tile_best > best
-    return tl.where(better, tile_best, best), tl.where(better, v0 + tile_idx, best_idx)
+STREAM_ACCEPT = tl.constexpr(C.STREAM_ACCEPT)
+STREAM_RESIDUAL = tl.constexpr(C.STREAM_RESIDUAL)
+STREAM_BONUS = tl.constexpr(C.STREAM_BONUS)
 
 
 @triton.jit
@@ -73,8 +48,7 @@ def _row_stats_kernel(
 ):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride_x
-    t = tl.load(temp_ptr + row).to(tl.float32)
-    t = tl.where(t >= GREEDY_TEMPERATURE, t, 1.0)
+    _row_greedy, t = greedy_and_scale(tl.load(temp_ptr + row))
     offs = tl.arange(0, BLOCK)
 
     # Pass 1: max, first argmax (of z; same as of the raw logits since T > 0).
@@ -82,8 +56,8 @@ def _row_stats_kernel(
     amax = tl.full((), 0, tl.int32)
     for v0 in range(0, vocab, BLOCK):
         idx = v0 + offs
-        z = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), t)
-        m, amax = _argmax_update(m, amax, z, v0)
+        z = scaled_tile(base, idx, idx < vocab, t)
+        m, amax = argmax_update(m, amax, z, v0)
 
     # Top-k: the k-th largest z is the largest key t with count(z >= t) >= k.
     kth = tl.full((), float("-inf"), tl.float32)
@@ -91,27 +65,27 @@ def _row_stats_kernel(
         k = tl.load(topk_ptr + row).to(tl.int64)
         if (k > 0) & (k < vocab):
             # Keys span up to 2**32 values: bisect in int64 so hi - lo + 1 cannot overflow.
-            lo = _ordered_key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
-            hi = _ordered_key(m).to(tl.int64)
+            lo = ordered_key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
+            hi = ordered_key(m).to(tl.int64)
             for _ in range(32):
                 mid = lo + (hi - lo + 1) // 2
-                thr = _key_to_float(mid)
+                thr = key_to_float(mid)
                 cnt = tl.full((), 0, tl.int64)
                 for v0 in range(0, vocab, BLOCK):
                     idx = v0 + offs
-                    z = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), t)
+                    z = scaled_tile(base, idx, idx < vocab, t)
                     cnt += tl.sum(((z >= thr) & (idx < vocab)).to(tl.int64), 0)
                 ok = cnt >= k
                 active = lo < hi
                 lo = tl.where(active & ok, mid, lo)
                 hi = tl.where(active & ~ok, mid - 1, hi)
-            kth = _key_to_float(lo)
+            kth = key_to_float(lo)
 
     # Normaliser over the top-k survivors.
     s = tl.full((), 0.0, tl.float32)
     for v0 in range(0, vocab, BLOCK):
         idx = v0 + offs
-        z = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), t)
+        z = scaled_tile(base, idx, idx < vocab, t)
         s += tl.sum(tl.where((z >= kth) & (idx < vocab), tl.exp(z - m), 0.0), 0)
 
     # Top-p: smallest threshold v with mass(p > v) < top_p; keep p >= v.
@@ -128,7 +102,7 @@ def _row_stats_kernel(
                 mass = tl.full((), 0.0, tl.float32)
                 for v0 in range(0, vocab, BLOCK):
                     idx = v0 + offs
-                    z = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), t)
+                    z = scaled_tile(base, idx, idx < vocab, t)
                     p = tl.where((z >= kth) & (idx < vocab), tl.exp(z - m) / s, 0.0)
                     mass += tl.sum(tl.where(p > thr, p, 0.0), 0)
                 below = mass < top_p
@@ -140,7 +114,7 @@ def _row_stats_kernel(
         z2 = tl.full((), 0.0, tl.float32)
         for v0 in range(0, vocab, BLOCK):
             idx = v0 + offs
-            z = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), t)
+            z = scaled_tile(base, idx, idx < vocab, t)
             p = tl.where((z >= kth) & (idx < vocab), tl.exp(z - m) / s, 0.0)
             z2 += tl.sum(tl.where(p >= pthr, p, 0.0), 0)
 
@@ -157,24 +131,6 @@ def _target_prob(z, m, s, kth, pthr, z2):
     p = tl.exp(z - m) / s
     keep = (z >= kth) & (p >= pthr)
     return tl.where(keep, p / z2, 0.0)
-
-
-@triton.jit
-def _softmax_stats(base, vocab, t, valid, BLOCK: tl.constexpr):
-    """(max, normaliser, first argmax) of z = row / t over one row (no reads unless valid)."""
-    offs = tl.arange(0, BLOCK)
-    m = tl.full((), float("-inf"), tl.float32)
-    amax = tl.full((), 0, tl.int32)
-    for v0 in range(0, vocab, BLOCK):
-        idx = v0 + offs
-        z = tl.math.div_rn(tl.load(base + idx, mask=(idx < vocab) & valid, other=float("-inf")).to(tl.float32), t)
-        m, amax = _argmax_update(m, amax, z, v0)
-    s = tl.full((), 0.0, tl.float32)
-    for v0 in range(0, vocab, BLOCK):
-        idx = v0 + offs
-        z = tl.math.div_rn(tl.load(base + idx, mask=(idx < vocab) & valid, other=float("-inf")).to(tl.float32), t)
-        s += tl.sum(tl.where((idx < vocab) & valid, tl.exp(z - m), 0.0), 0)
-    return m, s, amax
 
 
 @triton.jit
@@ -201,15 +157,11 @@ def _chain_kernel(
     live = (nrows > 0) & (start >= 0) & (start < num_rows)
     length = tl.minimum(tl.maximum(tl.load(lengths_ptr + r).to(tl.int64), 0), gamma)
     length = tl.where(live, tl.minimum(length, num_rows - 1 - start), 0)
-    temp = tl.load(temp_ptr + r).to(tl.float32)
-    greedy = temp < GREEDY_TEMPERATURE
-    t = tl.where(greedy, 1.0, temp)
+    greedy, t = greedy_and_scale(tl.load(temp_ptr + r))
     seed = tl.load(seed_ptr + r)
     offset = tl.load(offset_ptr)
     if MODE == 2:
-        td = tl.load(dtemp_ptr + r).to(tl.float32)
-        d_greedy = td < GREEDY_TEMPERATURE
-        d_t = tl.where(d_greedy, 1.0, td)
+        d_greedy, d_t = greedy_and_scale(tl.load(dtemp_ptr + r))
 
     n_acc = tl.full((), 0, tl.int64)
     still = live
@@ -217,7 +169,7 @@ def _chain_kernel(
         row = start + j
         x = tl.load(drafts_ptr + r * stride_dr + j * stride_dj).to(tl.int64)
         x = tl.minimum(tl.maximum(x, 0), vocab - 1)
-        z_x = tl.math.div_rn(tl.load(logits_ptr + row * stride_l + x).to(tl.float32), t)
+        z_x = scaled_tile(logits_ptr + row * stride_l, x, True, t)
         p_t = _target_prob(z_x, tl.load(m_ptr + row), tl.load(s_ptr + row), tl.load(kth_ptr + row),
                            tl.load(pthr_ptr + row), tl.load(z2_ptr + row))
         if MODE == 0:
@@ -229,8 +181,8 @@ def _chain_kernel(
                 p_d = tl.load(dtp_ptr + r * stride_tr + j * stride_tj).to(tl.float32)
             else:
                 dbase = dlogits_ptr + r * stride_gr + j * stride_gj
-                dm, ds, damax = _softmax_stats(dbase, vocab, d_t, True, BLOCK)
-                dz = tl.math.div_rn(tl.load(dbase + x).to(tl.float32), d_t)
+                dm, ds, damax = softmax_stats(dbase, vocab, d_t, True, BLOCK)
+                dz = scaled_tile(dbase, x, True, d_t)
                 p_d = tl.where(d_greedy, tl.where(damax == x, 1.0, 0.0), tl.exp(dz - dm) / ds)
         coin = rng.uniform(seed, offset, STREAM_ACCEPT, j, 0)
         amax_row = tl.load(amax_ptr + row).to(tl.int64)
@@ -251,7 +203,7 @@ def _chain_kernel(
     x_rej = tl.load(drafts_ptr + r * stride_dr + j_rej * stride_dj, mask=rejected, other=0).to(tl.int64)
     if MODE == 2:
         dbase = dlogits_ptr + r * stride_gr + j_rej * stride_gj
-        dm, ds, damax = _softmax_stats(dbase, vocab, d_t, rejected, BLOCK)
+        dm, ds, damax = softmax_stats(dbase, vocab, d_t, rejected, BLOCK)
     offs = tl.arange(0, BLOCK)
     best_w = tl.full((), float("-inf"), tl.float32)
     arg_w = tl.full((), 0, tl.int32)
@@ -262,14 +214,14 @@ def _chain_kernel(
         for v0 in range(0, vocab, BLOCK):
             idx = v0 + offs
             inside = idx < vocab
-            z = tl.math.div_rn(tl.load(logits_ptr + row * stride_l + idx, mask=inside, other=float("-inf")).to(tl.float32), t)
+            z = scaled_tile(logits_ptr + row * stride_l, idx, inside, t)
             p = tl.where(inside, _target_prob(z, m, s, kth, pthr, z2), 0.0)
             if MODE == 0:
                 q = tl.where(idx == x_rej, 1.0, 0.0)
             elif MODE == 1:
                 q = tl.load(dprobs_ptr + r * stride_pr + j_rej * stride_pj + idx, mask=inside & rejected, other=0.0).to(tl.float32)
             else:
-                dz = tl.math.div_rn(tl.load(dbase + idx, mask=inside & rejected, other=float("-inf")).to(tl.float32), d_t)
+                dz = scaled_tile(dbase, idx, inside & rejected, d_t)
                 q = tl.where(d_greedy, tl.where(idx == damax, 1.0, 0.0), tl.exp(dz - dm) / ds)
             q = tl.where(rejected, q, 0.0)
             w = tl.maximum(p - q, 0.0)
@@ -277,8 +229,8 @@ def _chain_kernel(
             g = rng.gumbel(rng.uniform(seed, offset, stream, n_acc, idx))
             score_w = tl.where(inside, tl.log(w) + g, float("-inf"))
             score_p = tl.where(inside, tl.log(p) + g, float("-inf"))
-            best_w, arg_w = _argmax_update(best_w, arg_w, score_w, v0)
-            best_p, arg_p = _argmax_update(best_p, arg_p, score_p, v0)
+            best_w, arg_w = argmax_update(best_w, arg_w, score_w, v0)
+            best_p, arg_p = argmax_update(best_p, arg_p, score_p, v0)
     # Without residual mass the reference falls back to p_t (same stream).
     y = tl.where(mass_w > 0, arg_w, arg_p).to(tl.int64)
     y = tl.where(greedy, tl.load(amax_ptr + row, mask=live, other=0).to(tl.int64), y)
@@ -293,59 +245,56 @@ def _chain_kernel(
 
 
 def rejection_sample(a):
-    target_logits, draft_tokens, draft_probs, lengths, cu_verify = (
-        a.target_logits, a.draft_tokens, a.draft_probs, a.lengths, a.cu_verify)
-    temperature, seed, offset, top_k, top_p = a.temperature, a.seed, a.offset, a.top_k, a.top_p
-    draft_token_probs, draft_logits, draft_temperature = a.draft_token_probs, a.draft_logits, a.draft_temperature
-    device = target_logits.device
-    num_rows, vocab = target_logits.shape
-    num_req, gamma = draft_tokens.shape
+    device = a.target_logits.device
+    num_rows, vocab = a.target_logits.shape
+    num_req, gamma = a.draft_tokens.shape
     tokens = torch.empty((num_req, gamma + 1), dtype=torch.int32, device=device)
     num_accepted = torch.empty((num_req,), dtype=torch.int32, device=device)
     if num_req == 0:
         return tokens, num_accepted
-    logits = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
+    logits = _unit_last_stride(a.target_logits)
 
     # Per-row sampling parameters: row t belongs to the request whose block holds it
     # (rows past cu_verify[R] borrow the last request's; their stats are never read).
-    cu = cu_verify.to(torch.int64)
+    cu = a.cu_verify.to(torch.int64)
     row_req = torch.searchsorted(cu[1:].contiguous(), torch.arange(num_rows, device=device), right=True)
     row_req = row_req.clamp(max=num_req - 1)
-    temp = temperature.float().contiguous()
+    temp = a.temperature.float().contiguous()
     temp_row = temp[row_req]
-    topk_row = top_k.to(torch.int64)[row_req].contiguous() if top_k is not None else temp_row
-    topp_row = top_p.float()[row_req].contiguous() if top_p is not None else temp_row
+    topk_row = a.top_k.to(torch.int64)[row_req].contiguous() if a.top_k is not None else temp_row
+    topp_row = a.top_p.float()[row_req].contiguous() if a.top_p is not None else temp_row
     f32 = dict(dtype=torch.float32, device=device)
     stats = [torch.empty(num_rows, **f32) for _ in range(5)]
     amax = torch.empty(num_rows, dtype=torch.int32, device=device)
     if num_rows:
         _row_stats_kernel[(num_rows,)](
             logits, logits.stride(0), vocab, temp_row, topk_row, topp_row, *stats, amax,
-            HAS_TOPK=top_k is not None, HAS_TOPP=top_p is not None, BLOCK=BLOCK_V,
+            HAS_TOPK=a.top_k is not None, HAS_TOPP=a.top_p is not None, BLOCK=BLOCK_V,
         )
 
     dummy = torch.empty((1, 1, 1), **f32)  # never read: the MODE / HAS_DTP constexprs drop its loads
-    mode = 1 if draft_probs is not None else (2 if draft_logits is not None else 0)
-    dprobs = draft_probs if draft_probs is not None else dummy
-    dlogits = draft_logits if draft_logits is not None else dummy
-    if dprobs.stride(-1) != 1:
-        dprobs = dprobs.contiguous()
-    if dlogits.stride(-1) != 1:
-        dlogits = dlogits.contiguous()
-    dtp = draft_token_probs if draft_token_probs is not None else dummy[0]
-    dtemp = draft_temperature.float().contiguous() if draft_temperature is not None else temp
+    mode = 1 if a.draft_probs is not None else (2 if a.draft_logits is not None else 0)
+    dprobs = _unit_last_stride(a.draft_probs if a.draft_probs is not None else dummy)
+    dlogits = _unit_last_stride(a.draft_logits if a.draft_logits is not None else dummy)
+    dtp = a.draft_token_probs if a.draft_token_probs is not None else dummy[0]
+    dtemp = a.draft_temperature.float().contiguous() if a.draft_temperature is not None else temp
+    drafts = a.draft_tokens
     _chain_kernel[(num_req,)](
         logits, logits.stride(0), num_rows, vocab, *stats, amax,
-        draft_tokens, draft_tokens.stride(0), draft_tokens.stride(1),
+        drafts, drafts.stride(0), drafts.stride(1),
         dprobs, dprobs.stride(0), dprobs.stride(1),
         dtp, dtp.stride(0), dtp.stride(1),
         dlogits, dlogits.stride(0), dlogits.stride(1),
-        dtemp, lengths.contiguous(), cu_verify.contiguous(), temp,
-        seed.contiguous(), offset.reshape(1), tokens, tokens.stride(0), num_accepted, gamma,
-        MODE=mode, HAS_DTP=draft_token_probs is not None, BLOCK=BLOCK_V,
+        dtemp, a.lengths.contiguous(), a.cu_verify.contiguous(), temp,
+        a.seed.contiguous(), a.offset.reshape(1), tokens, tokens.stride(0), num_accepted, gamma,
+        MODE=mode, HAS_DTP=a.draft_token_probs is not None, BLOCK=BLOCK_V,
     )
     return tokens, num_accepted
 
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """Vocab rows with unit stride (the kernels index ids directly); copied only when not."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _compile_specs():

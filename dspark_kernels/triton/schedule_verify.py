@@ -1,4 +1,4 @@
-"""Triton schedule_verify: the whole scheduler in ONE program (grid (1,)).
+"""Triton schedule_verify: implements dspark_kernels.schedule_verify in ONE program (grid (1,)).
 
 The reference sorts candidates by (survival descending, flat index r·γ + j
 ascending, invalid candidates as -inf). Here every candidate gets one int64
@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import constants as C
+from .sampling import key_to_float, ordered_key
 
 # Triton reads this variable when @triton.jit runs, so it is fixed at import, as here.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -66,9 +67,7 @@ def _order_key(v, valid, flat):
     """int64 key: ascending key order == (v descending, flat ascending); invalid as -inf."""
     v = tl.where(valid, v, float("-inf"))
     v = tl.where(v == 0.0, 0.0, v)  # -0.0 ties with +0.0, as in torch.sort
-    bits = v.to(tl.int32, bitcast=True)
-    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving int32 image of fp32
-    mono = tl.where(v != v, 0x7FFFFFFF, mono)  # every NaN above +inf (torch: NaN largest)
+    mono = tl.where(v != v, 0x7FFFFFFF, ordered_key(v))  # every NaN above +inf (torch: NaN largest)
     return ((~mono).to(tl.int64) << 32) | flat.to(tl.int64)
 
 
@@ -114,9 +113,7 @@ def _sort(x, LOG: tl.constexpr):
 @triton.jit
 def _key_value(key):
     """fp32 value a key was built from (inverse of _order_key's high half)."""
-    mono = ~((key >> 32).to(tl.int32))
-    bits = mono ^ ((mono >> 31) & 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
+    return key_to_float(~((key >> 32).to(tl.int32)))
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""Triton verify_attention: one tensor-core tile per (request, kv head), paged KV, flash-decoding splits.
+"""Triton verify_attention: implements dspark_kernels.verify_attention; one tensor-core tile per
+(request, kv head), paged KV, flash-decoding splits.
 
 Layout of the work, all grids from static shapes (no host sync, capturable):
 

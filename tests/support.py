@@ -1,0 +1,55 @@
+"""Plain helpers shared by the test files: where tests run, which backends, moving tensors.
+
+A module, not conftest.py: conftest.py holds only pytest hooks and fixtures
+(and the TRITON_INTERPRET setup, which must run before triton is imported),
+so nothing imports from it. Models, batch builders and harnesses live in
+their own modules (markov_model, rejection_model, paged_batch, biased,
+stats, host_sync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def available_backends(op_module) -> list[str]:
+    """Concrete backends that can run ``op_module``'s op on DEVICE (reference always)."""
+    return op_module.IMPLS.available(torch.device(DEVICE).type)
+
+
+def interpreted(backend: str) -> bool:
+    """Whether ``backend`` runs through the Triton interpreter here (Triton on CPU
+    tensors): correct, but ~10-100 ms per program, so tests keep it to small shapes."""
+    return backend == "triton" and torch.device(DEVICE).type == "cpu"
+
+
+def to_device(t, device=DEVICE):
+    """A tensor moved to ``device`` (DEVICE by default); anything else (None, numbers) as is."""
+    return t.to(device) if isinstance(t, torch.Tensor) else t
+
+
+def to_cpu(t):
+    """A tensor moved to the CPU; anything else (None, numbers) as is."""
+    return t.cpu() if isinstance(t, torch.Tensor) else t
+
+
+@contextlib.contextmanager
+def debug_mode(on: bool):
+    """dspark_kernels debug mode on or off for the block, then as it was.
+
+    On: value checks (reading tensor values) run on CUDA tensors too (they
+    always run on CPU tensors). Off: no value check syncs a CUDA device (graph
+    capture, host-sync tests).
+    """
+    import dspark_kernels as dk
+
+    was = dk.debug_enabled()
+    dk.set_debug(on)
+    try:
+        yield
+    finally:
+        dk.set_debug(was)
