@@ -15,9 +15,11 @@
 //    the rank (no tensor cores, no TF32: z matches the fp32 reference up to
 //    summation order), W2 and e staged in shared memory, so W2 is read once
 //    per step for up to 16 requests. Per (request, tile) it writes the Gumbel
-//    race winner (z/T + G, stream DRAFT, position k, index = vocab id), z at
-//    the winner, the softmax partials (max and sum of exp(z/T - max)) and the
-//    greedy argmax of z; optionally stores z (draft_logits).
+//    race winner (z·(1/T) + G, stream DRAFT, position k, index = vocab id), z
+//    at the winner, the softmax partials (max and sum of exp(z·(1/T) - max))
+//    and the greedy argmax of z; optionally stores z (draft_logits). 1/T is
+//    IEEE-rounded once per request (inverse_temperature in sampling.cuh) and
+//    applied with one rounded multiply per element, like the reference.
 // 2. markov_reduce_kernel, one block per request: merges the partials (first
 //    index wins ties, like torch.argmax) into x_k and p_d(x_k).
 // markov_probs_kernel normalises the stored z into draft_probs after the loop.
@@ -135,7 +137,7 @@ __global__ void __launch_bounds__(kTileThreads) markov_tile_kernel(const MarkovS
     const int rr = warp * 2 + h;
     const int64_t row = r0 + rr;
     if (row >= num_req) continue;  // warp-uniform
-    const float t = safe_temperature(a.temperature[row]);
+    const float inv_t = inverse_temperature(a.temperature[row]);
     const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
     const uint32_t group = static_cast<uint32_t>(v0 / 4 + lane);
     const Philox4 bits = philox_block(seed, offset, kStreamDraft, static_cast<uint32_t>(a.step), group);
@@ -148,7 +150,7 @@ __global__ void __launch_bounds__(kTileThreads) markov_tile_kernel(const MarkovS
       const int64_t col = v0 + vv;
       if (col < vocab) {
         const float z = z_s[rr][vv];
-        const float zt = div_rn(z, t);
+        const float zt = scaled_logit(z, inv_t);
         const float g = gumbel(bits_to_uniform(philox_lane(bits, q)));
         const int32_t id = static_cast<int32_t>(col);
         race = argmax_combine(race, ArgMaxZ{zt + g, id, z});
@@ -164,7 +166,7 @@ __global__ void __launch_bounds__(kTileThreads) markov_tile_kernel(const MarkovS
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int vv = lane * 4 + q;
-      if (v0 + vv < vocab) ssum += exp_f(div_rn(z_s[rr][vv], t) - m_safe);
+      if (v0 + vv < vocab) ssum += exp_f(scaled_logit(z_s[rr][vv], inv_t) - m_safe);
     }
     ssum = warp_sum(ssum);
     if (lane == 0) {
@@ -205,10 +207,10 @@ __global__ void __launch_bounds__(kReduceThreads) markov_reduce_kernel(const Mar
   if (threadIdx.x == 0) {
     const float temp = a.temperature[r];
     const bool greedy = is_greedy(temp);
-    const float t = safe_temperature(temp);
+    const float inv_t = inverse_temperature(temp);
     const int32_t token = greedy ? argmax_index(greedy_best.i, 0) : argmax_index(race.i, 0);
-    a.tokens[r * a.stride_tr + a.step] = token;
-    a.token_probs[r * a.stride_pr + a.step] = greedy ? 1.f : softmax_prob(race.z, t, m, s);
+    a.tokens[r * a.stride_tr + a.step] = static_cast<int32_t>(clamp_i64(token, 0, a.vocab - 1));
+    a.token_probs[r * a.stride_pr + a.step] = greedy ? 1.f : softmax_prob(race.z, inv_t, m, s);
   }
 }
 
@@ -222,7 +224,7 @@ __global__ void __launch_bounds__(kProbsThreads) markov_probs_kernel(const float
   const int64_t r = row / gamma;
   const float temp = temperature[r];
   const bool greedy = is_greedy(temp);
-  const float t = safe_temperature(temp);
+  const float inv_t = inverse_temperature(temp);
   const int64_t x = tokens[row];
   const float* z = logits + row * vocab;
   float* p = probs + row * vocab;
@@ -231,13 +233,13 @@ __global__ void __launch_bounds__(kProbsThreads) markov_probs_kernel(const float
     return;
   }
   float m = neg_inf();
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, div_rn(z[i], t));
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, scaled_logit(z[i], inv_t));
   m = block_max(m);
   float s = 0.f;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) s += exp_f(div_rn(z[i], t) - m);
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) s += exp_f(scaled_logit(z[i], inv_t) - m);
   s = block_sum(s);
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-    p[i] = div_rn(exp_f(div_rn(z[i], t) - m), s);
+    p[i] = div_rn(exp_f(scaled_logit(z[i], inv_t) - m), s);
   }
 }
 

@@ -38,8 +38,8 @@ struct MarkovStepArgs {
   const int64_t* seed = nullptr;
   const int64_t* offset = nullptr;
   // Partials, each [R, num_tiles] contiguous: Gumbel race winner score and
-  // vocab id, z at the winner, softmax max and sum of z / T, greedy max and
-  // argmax of z.
+  // vocab id, z at the winner, softmax max and sum of z · (1 / T), greedy max
+  // and argmax of z.
   float* part_score = nullptr;
   int32_t* part_arg = nullptr;
   float* part_zbest = nullptr;
@@ -67,7 +67,7 @@ struct MarkovStepArgs {
 // cudaErrorInvalidValue otherwise.
 cudaError_t markov_step_launch(const MarkovStepArgs& args, cudaStream_t stream);
 
-// draft_probs[r, k] = softmax(z[r, k] / T_r) (one-hot at tokens[r, k] for
+// draft_probs[r, k] = softmax(z[r, k] · (1 / T_r)) (one-hot at tokens[r, k] for
 // greedy rows) from the stored z; logits and probs are contiguous [R, γ, V]
 // fp32, tokens contiguous [R, γ] int32, temperature [R] fp32. Requires
 // R·γ < 2^31 (one block per row); returns cudaErrorInvalidValue otherwise.

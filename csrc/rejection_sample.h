@@ -13,8 +13,13 @@ namespace dspark {
 // All pointers are device pointers; strides are in elements. Vocabulary
 // dimensions must have unit stride. Optional inputs are nullptr when absent.
 // The draft mode follows from what is given: draft_probs (full q), else
-// draft_logits (q = softmax(draft_logits / draft_temperature), with p_d of
-// each draft from draft_token_probs when given), else one-hot drafts.
+// draft_logits with u = draft_logits · (1 / draft_temperature): without
+// draft_token_probs q = softmax(u) and p_d(x) = q(x); with them (byte-minimal)
+// p_d(x) = draft_token_probs and the residual's q_i = p_d(x)·exp(u_i - u_x);
+// else one-hot drafts. A draft id outside [0, V) is rejected and has q = 0.
+// Nothing is trusted beyond what keeps reads in bounds: a request verifies at
+// most min(clamp(lengths[r], 0, γ), num_rows - 1 - cu[r], cu[r+1] - cu[r] - 1)
+// drafts.
 struct RejectionSampleArgs {
   // Target logits [num_rows, vocab], row stride stride_logits.
   const void* target_logits = nullptr;
@@ -25,7 +30,7 @@ struct RejectionSampleArgs {
   int64_t num_req = 0;
   int64_t gamma = 0;
 
-  // Drafts [R, γ] int64.
+  // Drafts [R, γ] int64 (any values: ids outside [0, V) are rejected).
   const int64_t* draft_tokens = nullptr;
   int64_t stride_dr = 0, stride_dj = 0;
   // Full draft distributions [R, γ, V] (dtype draft_dtype), or nullptr.
@@ -52,9 +57,11 @@ struct RejectionSampleArgs {
   const int64_t* seed = nullptr;
   const int64_t* offset = nullptr;
 
-  // Workspace: 5 * num_rows fp32 and num_rows int32 (written, then read).
+  // Workspace (written, then read): row_stats [num_rows, 4] fp32 (m, s, pthr,
+  // z2) and row_index_stats [num_rows, 3] int32 (kth_key, kth_id, argmax);
+  // see store_row_stats in sampling.cuh.
   float* row_stats = nullptr;
-  int32_t* row_argmax = nullptr;
+  int32_t* row_index_stats = nullptr;
 
   // Outputs: tokens [R, γ + 1] int32 (row stride stride_out), num_accepted [R] int32.
   int32_t* tokens = nullptr;

@@ -10,10 +10,13 @@
 //     on warp shuffles plus 32 floats of shared memory.
 //
 // The formulas mirror dspark_kernels/reference/sampling.py and the Triton
-// kernels: z = logit / T with IEEE round-to-nearest division (__fdiv_rn, as
-// torch computes it), accurate expf/logf. Never build these files with
-// --use_fast_math: it would turn the divisions and logs into approximations
-// and move sampled tokens away from the reference.
+// kernels: z = logit · (1 / T), the reciprocal IEEE-rounded once per row
+// (__fdiv_rn, as torch computes 1.0 / t) and one round-to-nearest multiply
+// per element (__fmul_rn: never contracted into an FMA with what follows, so
+// z - m, z + G, ... round exactly like the reference's separate ops),
+// accurate expf/logf. Never build these files with --use_fast_math: it would
+// turn the divisions and logs into approximations and move sampled tokens
+// away from the reference.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -67,6 +70,16 @@ __host__ __device__ __forceinline__ float div_rn(float x, float y) {
 #endif
 }
 
+// IEEE round-to-nearest x * y, never fused with a following add (an FMA would
+// skip the rounding of the product that the reference does).
+__host__ __device__ __forceinline__ float mul_rn(float x, float y) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(x, y);
+#else
+  return x * y;  // x86-64 SSE (no FMA in the baseline ISA the host program targets)
+#endif
+}
+
 __host__ __device__ __forceinline__ float exp_f(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
@@ -96,19 +109,25 @@ __host__ __device__ __forceinline__ float key_to_float(int64_t key) {
   return bits_as_float(k >= 0 ? k : (k ^ 0x7FFFFFFF));
 }
 
-// z = logit / T, with T already replaced by 1 for greedy rows.
-__host__ __device__ __forceinline__ float scaled_logit(float logit, float t) {
-  return div_rn(logit, t);
-}
-
 // Greedy rows (T < 1e-5, GREEDY_TEMPERATURE of reference/sampling.py; below
-// ~1e-30 z / T overflows fp32) compute their statistics at T = 1.
+// ~1e-30 1 / T overflows fp32) compute their statistics at T = 1.
 constexpr float kGreedyTemperature = 1e-5f;
 __host__ __device__ __forceinline__ bool is_greedy(float temperature) {
   return temperature < kGreedyTemperature;
 }
 __host__ __device__ __forceinline__ float safe_temperature(float temperature) {
   return is_greedy(temperature) ? 1.f : temperature;
+}
+
+// 1 / T, IEEE-rounded once per row (reference/sampling.py: inverse_temperature);
+// 1 on greedy rows.
+__host__ __device__ __forceinline__ float inverse_temperature(float temperature) {
+  return div_rn(1.f, safe_temperature(temperature));
+}
+
+// z = logit · (1 / T): one rounded multiply per element, no division.
+__host__ __device__ __forceinline__ float scaled_logit(float logit, float inv_t) {
+  return mul_rn(logit, inv_t);
 }
 
 // ---------------------------------------------------------------------------
@@ -154,22 +173,46 @@ __host__ __device__ __forceinline__ int32_t argmax_index(int32_t i, int32_t fall
 // ---------------------------------------------------------------------------
 // Target distribution of one row (reference/sampling.py: filtered_probs).
 // Row statistics: m = max z, s = sum over the top-k survivors of exp(z - m),
-// kth = k-th largest z (-inf: top-k off), pthr = top-p threshold (0: off),
-// z2 = top-p renormaliser (1 when top_p is not given).
+// (kth_key, kth_id) = the k-th token in the order (z descending, id
+// ascending) (top-k off: kNoKthKey / kNoKthId, everything kept), pthr = top-p
+// threshold (0: off), z2 = top-p renormaliser (exactly 1 when top-p is off
+// for the row, top_p >= 1 included), amax = first argmax of z.
 // ---------------------------------------------------------------------------
 
+constexpr int32_t kNoKthKey = -0x7FFFFFFF - 1;  // INT32_MIN: every key is >= it
+constexpr int32_t kNoKthId = 0x7FFFFFFF;        // every id is <= it
+
 struct RowStats {
-  float m, s, kth, pthr, z2;
-  int32_t amax;
+  float m, s, pthr, z2;
+  int32_t kth_key, kth_id, amax;
 };
 
-// Top-k bisection: the k-th largest z is the largest key t with count(z >= t) >= k.
+// The key top-k orders z by: ordered_key with -0.0 taken as +0.0, so that
+// signed zeros tie (and are split by id) as they do in the reference's sort.
+__host__ __device__ __forceinline__ int32_t topk_key(float z) {
+  return ordered_key(z == 0.f ? 0.f : z);
+}
+
+// Token i (key = topk_key(z_i)) is among the first k in the order
+// (z descending, id ascending).
+__host__ __device__ __forceinline__ bool topk_keep(int32_t key, int64_t i, int32_t kth_key,
+                                                   int32_t kth_id) {
+  return key > kth_key || (key == kth_key && i <= kth_id);
+}
+
+// Top-k is active for 0 < k < V.
+__host__ __device__ __forceinline__ bool topk_active(int64_t k, int64_t vocab) {
+  return k > 0 && k < vocab;
+}
+
+// Top-k, step 1: kth_key = the k-th largest key = the largest key t with
+// count(key >= t) >= k, by bisection over [key(-inf), key(m)] in int64.
 struct TopKSearch {
   int64_t lo, hi;
 };
 
 __host__ __device__ __forceinline__ TopKSearch topk_search_init(float row_max) {
-  return TopKSearch{ordered_key(neg_inf()), ordered_key(row_max)};
+  return TopKSearch{topk_key(neg_inf()), topk_key(row_max)};
 }
 __host__ __device__ __forceinline__ bool topk_search_active(const TopKSearch& s) {
   return s.lo < s.hi;
@@ -177,7 +220,7 @@ __host__ __device__ __forceinline__ bool topk_search_active(const TopKSearch& s)
 __host__ __device__ __forceinline__ int64_t topk_search_mid(const TopKSearch& s) {
   return s.lo + (s.hi - s.lo + 1) / 2;
 }
-// count_ge = number of z >= key_to_float(mid).
+// count_ge = number of tokens with topk_key(z) >= mid.
 __host__ __device__ __forceinline__ void topk_search_update(TopKSearch& s, int64_t mid,
                                                             int64_t count_ge, int64_t k) {
   if (count_ge >= k) {
@@ -186,15 +229,99 @@ __host__ __device__ __forceinline__ void topk_search_update(TopKSearch& s, int64
     s.hi = mid - 1;
   }
 }
-__host__ __device__ __forceinline__ float topk_search_result(const TopKSearch& s) {
-  return key_to_float(s.lo);
-}
-// Top-k is active for 0 < k < V.
-__host__ __device__ __forceinline__ bool topk_active(int64_t k, int64_t vocab) {
-  return k > 0 && k < vocab;
+__host__ __device__ __forceinline__ int32_t topk_search_result(const TopKSearch& s) {
+  return static_cast<int32_t>(s.lo);
 }
 // 32 halvings cover the 2^32 keys; the loops also stop when lo == hi.
 constexpr int kTopKIters = 32;
+
+// Top-k, step 2: of the tokens tied at kth_key, the first `need` ids are kept,
+// need = k - count(key > kth_key) (1 <= need <= count(key == kth_key)).
+__host__ __device__ __forceinline__ int64_t topk_need(int64_t k, int64_t count_gt) {
+  return k - count_gt;
+}
+// kth_id = the need-th smallest id among the tied tokens: the smallest id t
+// with count(key == kth_key and i <= t) >= need, by bisection over the tied
+// ids [min_id, max_id]. When every tied token is needed (no tie split, the
+// usual case) the answer is max_id and the search is empty.
+struct TopKIdSearch {
+  int64_t lo, hi;
+};
+
+__host__ __device__ __forceinline__ TopKIdSearch topk_id_search_init(int64_t min_id, int64_t max_id,
+                                                                     int64_t count_eq,
+                                                                     int64_t need) {
+  return need >= count_eq ? TopKIdSearch{max_id, max_id} : TopKIdSearch{min_id, max_id};
+}
+__host__ __device__ __forceinline__ bool topk_id_search_active(const TopKIdSearch& s) {
+  return s.lo < s.hi;
+}
+__host__ __device__ __forceinline__ int64_t topk_id_search_mid(const TopKIdSearch& s) {
+  return s.lo + (s.hi - s.lo) / 2;
+}
+// count_le = number of tokens with key == kth_key and id <= mid.
+__host__ __device__ __forceinline__ void topk_id_search_update(TopKIdSearch& s, int64_t mid,
+                                                               int64_t count_le, int64_t need) {
+  if (count_le >= need) {
+    s.hi = mid;
+  } else {
+    s.lo = mid + 1;
+  }
+}
+__host__ __device__ __forceinline__ int32_t topk_id_search_result(const TopKIdSearch& s) {
+  return static_cast<int32_t>(s.lo);
+}
+// 31 halvings cover ids below 2^31; the loops also stop when lo == hi.
+constexpr int kTopKIdIters = 32;
+
+// One pass after step 1 gathers what step 2 needs: the tokens above kth_key
+// and, of those tied with it, their number and smallest / largest id (as the
+// maxima of -id and id, so that the block reduces them with one max).
+struct TopKTies {
+  int64_t count_gt, count_eq;
+  int32_t neg_min_id, max_id;
+};
+
+__host__ __device__ __forceinline__ TopKTies topk_ties_init() {
+  return TopKTies{0, 0, -0x7FFFFFFF, -0x7FFFFFFF};  // -(2^31 - 1): negating it stays in int32
+}
+__host__ __device__ __forceinline__ void topk_ties_add(TopKTies& t, int32_t key, int64_t i,
+                                                       int32_t kth_key) {
+  if (key > kth_key) ++t.count_gt;
+  if (key == kth_key) {
+    ++t.count_eq;
+    const int32_t id = static_cast<int32_t>(i);
+    t.neg_min_id = -id > t.neg_min_id ? -id : t.neg_min_id;
+    t.max_id = id > t.max_id ? id : t.max_id;
+  }
+}
+// The step-2 search of the reduced tally (ties.count_gt etc. summed / maxed
+// over the whole row).
+__host__ __device__ __forceinline__ TopKIdSearch topk_id_search_init(const TopKTies& t, int64_t k) {
+  return topk_id_search_init(-static_cast<int64_t>(t.neg_min_id), t.max_id, t.count_eq,
+                             topk_need(k, t.count_gt));
+}
+
+// Row statistics in the workspace: stats_f [num_rows, 4] = (m, s, pthr, z2),
+// stats_i [num_rows, 3] = (kth_key, kth_id, amax), row-major.
+__host__ __device__ __forceinline__ void store_row_stats(float* stats_f, int32_t* stats_i,
+                                                         int64_t row, const RowStats& st) {
+  float* f = stats_f + row * 4;
+  int32_t* i = stats_i + row * 3;
+  f[0] = st.m;
+  f[1] = st.s;
+  f[2] = st.pthr;
+  f[3] = st.z2;
+  i[0] = st.kth_key;
+  i[1] = st.kth_id;
+  i[2] = st.amax;
+}
+__host__ __device__ __forceinline__ RowStats load_row_stats(const float* stats_f,
+                                                            const int32_t* stats_i, int64_t row) {
+  const float* f = stats_f + row * 4;
+  const int32_t* i = stats_i + row * 3;
+  return RowStats{f[0], f[1], f[2], f[3], i[0], i[1], i[2]};
+}
 
 // Top-p bisection over the bit patterns [0, bits(1.0)] of non-negative floats:
 // the threshold is the smallest v with mass(p > v) < top_p; p >= v is kept.
@@ -223,46 +350,45 @@ __host__ __device__ __forceinline__ void topp_search_update(TopPSearch& s, int32
 __host__ __device__ __forceinline__ float topp_search_result(const TopPSearch& s) {
   return bits_as_float(s.lo);
 }
+// Top-p is active (and the row renormalised) only for top_p < 1.
 __host__ __device__ __forceinline__ bool topp_active(float top_p) { return top_p < 1.f; }
 constexpr int kTopPIters = 32;
 
-// exp(z - m) if z survives top-k, else 0 (the summand of s).
-__host__ __device__ __forceinline__ float topk_weight(float z, float m, float kth) {
-  return z >= kth ? exp_f(z - m) : 0.f;
+// exp(z - m) if token i survives top-k, else 0 (the summand of s).
+__host__ __device__ __forceinline__ float topk_weight(float z, int64_t i, float m, int32_t kth_key,
+                                                      int32_t kth_id) {
+  return topk_keep(topk_key(z), i, kth_key, kth_id) ? exp_f(z - m) : 0.f;
 }
 
 // Top-k filtered probability (before top-p): p = exp(z - m) / s, or 0.
-__host__ __device__ __forceinline__ float topk_prob(float z, float m, float s, float kth) {
-  return z >= kth ? div_rn(exp_f(z - m), s) : 0.f;
+__host__ __device__ __forceinline__ float topk_prob(float z, int64_t i, float m, float s,
+                                                    int32_t kth_key, int32_t kth_id) {
+  return topk_keep(topk_key(z), i, kth_key, kth_id) ? div_rn(exp_f(z - m), s) : 0.f;
 }
 
-// Final target probability p_t(i) of z_i = logit_i / T.
-__host__ __device__ __forceinline__ float target_prob(float z, float m, float s, float kth,
-                                                      float pthr, float z2) {
-  const float p = div_rn(exp_f(z - m), s);
-  const bool keep = (z >= kth) && (p >= pthr);
-  return keep ? div_rn(p, z2) : 0.f;
-}
-
-__host__ __device__ __forceinline__ float target_prob(float z, const RowStats& st) {
-  return target_prob(z, st.m, st.s, st.kth, st.pthr, st.z2);
+// Final target probability p_t(i) of token i with z_i = logit_i · (1 / T).
+__host__ __device__ __forceinline__ float target_prob(float z, int64_t i, const RowStats& st) {
+  const float p = div_rn(exp_f(z - st.m), st.s);
+  const bool keep = topk_keep(topk_key(z), i, st.kth_key, st.kth_id) && (p >= st.pthr);
+  return keep ? div_rn(p, st.z2) : 0.f;
 }
 
 // Statistics after the max pass (best = first argmax of z over the row),
-// before any filter: kth = -inf, pthr = 0 and z2 = 1 keep every token; the
-// top-k / top-p passes then set kth, s, pthr and z2.
+// before any filter: top-k off, pthr = 0 and z2 = 1 keep every token; the
+// top-k / top-p passes then set (kth_key, kth_id), s, pthr and z2.
 __host__ __device__ __forceinline__ RowStats row_stats_from_max(ArgMax best) {
-  return RowStats{best.v, 0.f, neg_inf(), 0.f, 1.f, argmax_index(best.i, 0)};
+  return RowStats{best.v, 0.f, 0.f, 1.f, kNoKthKey, kNoKthId, argmax_index(best.i, 0)};
 }
 
 // Statistics a row gets when it is never sampled from (padding rows past
 // cu_verify[R]); harmless values, so inconsistent inputs read defined data.
 __host__ __device__ __forceinline__ RowStats padding_row_stats() {
-  return RowStats{0.f, 1.f, neg_inf(), 0.f, 1.f, 0};
+  return RowStats{0.f, 1.f, 0.f, 1.f, kNoKthKey, kNoKthId, 0};
 }
 
 // ---------------------------------------------------------------------------
-// Draft distribution q from pre-temperature draft logits (MODE 2).
+// Draft distribution q from pre-temperature draft logits (MODE 2),
+// u = draft_logit · (1 / T_d).
 // ---------------------------------------------------------------------------
 
 struct SoftmaxStats {
@@ -270,26 +396,42 @@ struct SoftmaxStats {
   int32_t amax;
 };
 
-// q(i) = softmax(dlogit / T_d)[i], one-hot at the first argmax for greedy T_d.
-__host__ __device__ __forceinline__ float draft_q(float dz, int64_t idx, bool d_greedy,
+// Logits-only mode: q(i) = softmax(u)[i], one-hot at the row's first argmax
+// for greedy T_d.
+__host__ __device__ __forceinline__ float draft_q(float u, int64_t idx, bool d_greedy,
                                                   const SoftmaxStats& st) {
   if (d_greedy) return idx == st.amax ? 1.f : 0.f;
-  return div_rn(exp_f(dz - st.m), st.s);
+  return div_rn(exp_f(u - st.m), st.s);
+}
+
+// Byte-minimal mode (draft_token_probs + draft_logits): the draft distribution
+// whose value at the draft x is the given p_d(x), q(i) = p_d(x) · exp(u_i - u_x)
+// (no normaliser pass over the row); one-hot at x for greedy T_d.
+__host__ __device__ __forceinline__ float draft_q_implied(float u, int64_t idx, bool d_greedy,
+                                                          float p_dx, float u_x, int64_t x) {
+  if (d_greedy) return idx == x ? 1.f : 0.f;
+  return p_dx * exp_f(u - u_x);
 }
 
 // ---------------------------------------------------------------------------
 // Chain verification.
 // ---------------------------------------------------------------------------
 
-// Accept draft x: greedy rows iff x is the row argmax, else iff u * q(x) < p(x).
+// A draft id outside [0, V) (e.g. -1) is never accepted and has no draft
+// distribution (q = 0 in the residual).
+__host__ __device__ __forceinline__ bool draft_valid(int64_t x, int64_t vocab) {
+  return x >= 0 && x < vocab;
+}
+
+// Accept a valid draft x: greedy rows iff x is the row argmax, else iff u * q(x) < p(x).
 __host__ __device__ __forceinline__ bool accept_draft(bool greedy, int64_t row_argmax, int64_t x,
                                                       float coin, float p_draft, float p_target) {
   return greedy ? (row_argmax == x) : (coin * p_draft < p_target);
 }
 
-// Residual weight max(0, p - q).
+// Residual weight (p > q) ? p - q : 0 (a NaN in p or q gives 0).
 __host__ __device__ __forceinline__ float residual_weight(float p, float q) {
-  return fmaxf(p - q, 0.f);
+  return p > q ? p - q : 0.f;
 }
 
 // Lane `lane` (0..3) of a Philox block.
@@ -313,13 +455,15 @@ __host__ __device__ __forceinline__ bool request_live(int64_t start, int64_t end
   return end - start > 0 && start >= 0 && start < num_rows;
 }
 
-// Drafts to verify: lengths[r] clamped to [0, γ] and to the rows that exist.
+// Drafts to verify: lengths[r] clamped to [0, γ], to the target rows that
+// exist (num_rows - 1 - start) and to the request's own rows (end - start - 1).
 __host__ __device__ __forceinline__ int64_t verify_length(int64_t length, int64_t gamma,
-                                                          int64_t start, int64_t num_rows,
-                                                          bool live) {
+                                                          int64_t start, int64_t end,
+                                                          int64_t num_rows, bool live) {
   if (!live) return 0;
-  const int64_t l = clamp_i64(length, 0, gamma);
-  return l < num_rows - 1 - start ? l : num_rows - 1 - start;
+  int64_t l = clamp_i64(length, 0, gamma);
+  l = l < num_rows - 1 - start ? l : num_rows - 1 - start;
+  return l < end - start - 1 ? l : end - start - 1;
 }
 
 // The request owning target row `row`: the first r with cu[r + 1] > row
@@ -350,9 +494,9 @@ __host__ __device__ __forceinline__ float softmax_merge_term(float pm, float ps,
 // Tile max used inside exp(zt - m_safe) (an all -inf tile sums zeros).
 __host__ __device__ __forceinline__ float safe_max(float m) { return m == neg_inf() ? 0.f : m; }
 
-// p_d(x) = softmax(z / T)[x] from the race winner's z and the merged (m, s).
-__host__ __device__ __forceinline__ float softmax_prob(float z, float t, float m, float s) {
-  return div_rn(exp_f(div_rn(z, t) - m), s);
+// p_d(x) = softmax(z · (1 / T))[x] from the race winner's z and the merged (m, s).
+__host__ __device__ __forceinline__ float softmax_prob(float z, float inv_t, float m, float s) {
+  return div_rn(exp_f(scaled_logit(z, inv_t) - m), s);
 }
 
 // ---------------------------------------------------------------------------
@@ -393,6 +537,7 @@ struct SumOp {
 };
 struct MaxOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+  __device__ __forceinline__ int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
 };
 struct ArgMaxOp {
   __device__ __forceinline__ ArgMax operator()(ArgMax a, ArgMax b) const {
@@ -435,6 +580,9 @@ __device__ __forceinline__ long long block_sum(long long v) {
 }
 __device__ __forceinline__ float block_max(float v) {
   return block_allreduce(v, MaxOp{}, neg_inf());
+}
+__device__ __forceinline__ int32_t block_max(int32_t v) {
+  return block_allreduce(v, MaxOp{}, kNoKthKey);
 }
 __device__ __forceinline__ ArgMax block_argmax(ArgMax v) {
   return block_allreduce(v, ArgMaxOp{}, argmax_init());

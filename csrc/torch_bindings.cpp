@@ -58,9 +58,9 @@ at::Tensor philox_uniform_cuda(const at::Tensor& seed, const at::Tensor& offset,
 }
 
 // ---------------------------------------------------------------------------
-// rejection_sample (csrc/rejection_sample.cu). The kernels clamp draft ids
-// into [0, V) and cu_verify rows into the target rows, so values need no
-// check; the draft mode follows from which optional tensors are given
+// rejection_sample (csrc/rejection_sample.cu). The kernels reject draft ids
+// outside [0, V) (never read at them) and clamp lengths / cu_verify rows into
+// the target rows, so values need no check; the draft mode follows from which optional tensors are given
 // (draft_probs first, then draft_logits), so no combination reads a
 // missing tensor.
 // ---------------------------------------------------------------------------
@@ -169,10 +169,10 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     a.top_p = topp32.data_ptr<float>();
   }
 
-  const at::Tensor row_stats = at::empty({5 * num_rows}, f32);
-  const at::Tensor row_argmax = at::empty({num_rows}, i32);
+  const at::Tensor row_stats = at::empty({num_rows, 4}, f32);
+  const at::Tensor row_index_stats = at::empty({num_rows, 3}, i32);
   a.row_stats = row_stats.data_ptr<float>();
-  a.row_argmax = row_argmax.data_ptr<int32_t>();
+  a.row_index_stats = row_index_stats.data_ptr<int32_t>();
   a.tokens = tokens.data_ptr<int32_t>();
   a.stride_out = tokens.stride(0);
   a.num_accepted = num_accepted.data_ptr<int32_t>();
@@ -275,7 +275,7 @@ void markov_step_cuda(const at::Tensor& u, const at::Tensor& e, const at::Tensor
   check_launch(dspark::markov_step_launch(a, current_stream()), "markov_draft step");
 }
 
-// probs[r, k] = softmax(logits[r, k] / T_r) (one-hot at tokens[r, k] for greedy rows).
+// probs[r, k] = softmax(logits[r, k] · (1 / T_r)) (one-hot at tokens[r, k] for greedy rows).
 void markov_probs_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& tokens,
                        const at::Tensor& probs) {
   // logits [R, γ, V]: its device runs the kernel, its sizes bound every

@@ -37,10 +37,11 @@ def cu_from_lengths(lengths):
 def expected_probs(logits, temperature, top_k=None, top_p=None):
     """Target distribution [N, V] float64 of logits [N, V] (reference/sampling.py docstring).
 
-    z = logits / T; top-k keeps z_i iff fewer than k tokens have a strictly
-    larger z (= z_i >= k-th largest, ties kept; k <= 0 or k >= V: off); top-p
-    then keeps i iff the mass of tokens strictly more probable than i is
-    < top_p (top_p >= 1: off); renormalise. T == 0: one-hot at the first argmax.
+    z = logits / T; top-k keeps exactly k tokens: z_i iff fewer than k tokens
+    come before i in the order (z descending, id ascending), so ties at the
+    k-th value go to the lower ids (k <= 0 or k >= V: off); top-p then keeps i
+    iff the mass of the survivors strictly more probable than i is < top_p
+    (top_p >= 1: off); renormalise. T == 0: one-hot at the first argmax.
     """
     logits = torch.as_tensor(logits).to(torch.float64)
     if logits.dim() == 1:
@@ -54,8 +55,10 @@ def expected_probs(logits, temperature, top_k=None, top_p=None):
         return out
     z = logits / float(temperature)
     if top_k is not None and 0 < int(top_k) < vocab:
-        strictly_larger = (z[:, None, :] > z[:, :, None]).sum(-1)  # [n, i] = #{j: z_j > z_i}
-        z = torch.where(strictly_larger < int(top_k), z, torch.full_like(z, -math.inf))
+        ids = torch.arange(vocab)
+        before = (z[:, None, :] > z[:, :, None]) | ((z[:, None, :] == z[:, :, None]) & (ids[None, :] < ids[:, None]))
+        rank = before.sum(-1)  # [n, i] = #{j before i}
+        z = torch.where(rank < int(top_k), z, torch.full_like(z, -math.inf))
     p = torch.softmax(z, dim=-1)
     if top_p is not None and float(top_p) < 1.0:
         mass_above = (p[:, None, :] * (p[:, None, :] > p[:, :, None])).sum(-1)

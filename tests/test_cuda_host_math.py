@@ -1,18 +1,32 @@
 """The CUDA kernels' per-element math, run on the host against the reference ops.
 
 csrc/sampling.cuh holds every formula the CUDA kernels of rejection_sample
-and markov_draft use (ordered float keys, the top-k / top-p bisection steps,
-the target probability, the acceptance test, Gumbel noise and race scores,
-the softmax partial merge, the row -> request lookup) as __host__ __device__
-functions, and csrc/philox.cuh the counter-based RNG. This test compiles
-csrc/tests/host_math_sampling.cu with nvcc, a host program that includes
-both headers and runs a *sequential* emulation of the kernels' algorithms
-with those same functions (row statistics of every target row, then each
-request's chain walk and final residual/bonus Gumbel race over the
-vocabulary; for markov_draft the fp32 FMA product z = U + e·W2ᵀ, the
-per-tile race/softmax partials and their merge), then compares the emitted tokens with the reference ops on a few hundred
-random small cases (the reference functions are called directly, without
-the op's input validation, to keep the test fast; every case is valid input).
+and markov_draft use (z = logit · (1/T) with the reciprocal rounded once per
+row, ordered float keys, the two top-k bisections for the k-th token in the
+order (z descending, id ascending) and the tie tally between them, the top-p
+bisection, the target probability, draft validity and the acceptance test,
+the residual's q of every draft mode, Gumbel noise and race scores, the
+softmax partial merge, the row -> request lookup, the workspace layout) as
+__host__ __device__ functions, and csrc/philox.cuh the counter-based RNG.
+This test compiles csrc/tests/host_math_sampling.cu with nvcc, a host
+program that includes both headers and runs a *sequential* emulation of the
+kernels' algorithms with those same functions (row statistics of every
+target row, then each request's chain walk and final residual/bonus Gumbel
+race over the vocabulary; for markov_draft the fp32 FMA product
+z = U + e·W2ᵀ, the per-tile race/softmax partials and their merge), then
+compares with the reference ops (called directly, without the op's input
+validation, so that unchecked-path inputs can be fed too):
+
+- the filtered target distribution of single rows (kernel 1 + target_prob)
+  against reference.sampling.filtered_probs: exact support and close values,
+  on tie-heavy rows (ties at the k-th value, signed zeros), top_k = 1, top-k
+  off (k <= 0, k >= V), and top_p = 1 rows in a top_p batch (z2 exactly 1);
+- rejection_sample tokens on a few hundred random small requests: every draft
+  mode, the byte-minimal q = p_d(x)·exp(u - u_x) with p_d(x) not equal to
+  softmax(u)(x), invalid draft ids (-1 and >= V), greedy target and draft
+  rows, inactive requests, lengths larger than the request's rows or the
+  target rows (the unchecked-path clamps);
+- markov_draft tokens and p_d(x_k), including out-of-range anchors.
 
 What this checks: the math, stream ids, positions and indices, tie-breaks and
 clamping the kernels use. What it does NOT check: the kernels' parallel
@@ -30,7 +44,7 @@ import torch
 
 from dspark_kernels.ops import markov_draft as markov_draft_op
 from dspark_kernels.ops import rejection_sample as rejection_sample_op
-from dspark_kernels.reference.sampling import filtered_probs
+from dspark_kernels.reference.sampling import filtered_probs, inverse_temperature
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc")
 
@@ -72,38 +86,144 @@ def _run(exe: str, chunks: list[str]) -> list[str]:
     return res.stdout.splitlines()
 
 
+def test_scaled_logit_is_the_reference_product(host_exe):
+    """z = logit · (1/T), 1/T rounded once per row (T = 1 on greedy rows), bit for bit the reference's."""
+    g = torch.Generator().manual_seed(5)
+    n = 20000
+    t = torch.cat([torch.rand(n, generator=g) * 2, torch.rand(n, generator=g) * 1e-4, torch.tensor([0.0, 1.0, 3.0])])
+    x = torch.randn(t.shape[0], generator=g) * 10
+    lines = _run(host_exe, [" ".join(["SL", str(t.shape[0]), _fmt(t), _fmt(x)])])
+    host = torch.tensor([int(v) for v in lines[0].split()], dtype=torch.int32)
+    greedy, inv_t = inverse_temperature(t)
+    want = x * inv_t
+    assert torch.equal(host, want.view(torch.int32))
+    # The product differs from the old division logit / T on a good share of the elements.
+    divided = x / torch.where(greedy, torch.ones_like(t), t)
+    assert (divided.view(torch.int32) != host).sum() > 1000
+
+
+def _tie_heavy_logits(g: torch.Generator, n: int, vocab: int) -> torch.Tensor:
+    """Logits on a coarse grid: many exact ties in z (at the k-th value too) and signed zeros (-0.0)."""
+    step = [1.0, 0.5, 0.25][int(torch.randint(0, 3, (1,), generator=g))]
+    return (torch.randn(n, vocab, generator=g) * 1.5 / step).round() * step
+
+
+def _top_k(g: torch.Generator, n: int, vocab: int) -> torch.Tensor:
+    """top_k per row: off (<= 0, >= V), 1 (the greedy token), or anywhere in between."""
+    k = torch.randint(-1, vocab + 2, (n,), generator=g)
+    pick = torch.rand(n, generator=g)
+    k = torch.where(pick < 0.2, torch.ones_like(k), k)
+    return torch.where((pick > 0.2) & (pick < 0.5), torch.randint(1, max(vocab, 2), (n,), generator=g), k)
+
+
+def _top_p(g: torch.Generator, n: int) -> torch.Tensor:
+    """top_p per row, some rows exactly 1 (and above): top-p off for them although the batch has top_p."""
+    top_p = 0.05 + 0.95 * torch.rand(n, generator=g)
+    u = torch.rand(n, generator=g)
+    return torch.where(u < 0.2, torch.ones(n), torch.where(u < 0.25, torch.full((n,), 1.5), top_p))
+
+
+def _temperature(g: torch.Generator, n: int) -> torch.Tensor:
+    """Greedy rows (0 and just below GREEDY_TEMPERATURE) and sampled ones, some with an inexact 1/T."""
+    t = 0.3 + 1.4 * torch.rand(n, generator=g)
+    u = torch.rand(n, generator=g)
+    return torch.where(u < 0.2, torch.zeros(n), torch.where(u < 0.25, torch.full((n,), 9e-6), t))
+
+
+def _filtered_case(g: torch.Generator):
+    ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    N, V = ri(1, 6), (ri(1, 300) if ri(0, 3) == 0 else ri(1, 40))
+    logits = _tie_heavy_logits(g, N, V) if ri(0, 2) else torch.randn(N, V, generator=g) * 2
+    temperature = _temperature(g, N)
+    top_k = _top_k(g, N, V) if ri(0, 3) else None
+    top_p = _top_p(g, N) if ri(0, 1) else None
+    parts = ["FP", str(N), str(V), str(int(top_k is not None)), str(int(top_p is not None)), _fmt(temperature)]
+    if top_k is not None:
+        parts.append(_fmt(top_k))
+    if top_p is not None:
+        parts.append(_fmt(top_p))
+    parts.append(_fmt(logits))
+    return (logits, temperature, top_k, top_p), " ".join(parts)
+
+
+def test_filtered_target_distribution_matches_reference(host_exe):
+    """Kernel 1's statistics + target_prob = filtered_probs: the same tokens kept, the same probabilities."""
+    g = torch.Generator().manual_seed(77)
+    cases = [_filtered_case(g) for _ in range(400)]
+    # Fixed rows: ties at the k-th value split by id, signed zeros tie, top_k = 1 on a tied maximum.
+    fixed = torch.tensor([[1.0, 3.0, 1.0, 2.0, 1.0, 3.0, 0.0, 1.0],
+                          [0.0, -0.0, 0.0, -0.0, 0.0, -1.0, -0.0, 0.5]])
+    for k in range(-1, 10):
+        for t in (0.0, 0.7, 1.0):
+            cases.append(((fixed, torch.full((2,), t), torch.full((2,), k), None),
+                          " ".join(["FP", "2", "8", "1", "0", _fmt(torch.full((2,), t)), _fmt(torch.full((2,), k)),
+                                    _fmt(fixed)])))
+    lines = _run(host_exe, [c[1] for c in cases])
+    assert len(lines) == len(cases)
+    ties_split = top1 = topp_off = 0
+    for i, (((logits, temperature, top_k, top_p), _), line) in enumerate(zip(cases, lines)):
+        want = filtered_probs(logits, temperature, top_k, top_p)
+        vals = torch.tensor([float(v) for v in line.split()], dtype=torch.float32).reshape(want.shape[0], -1)
+        z2, host = vals[:, 0], vals[:, 1:]
+        # No renormalisation where top-p is off for the row (top_p >= 1 too): z2 is exactly 1.
+        off = torch.ones_like(z2, dtype=torch.bool) if top_p is None else top_p >= 1
+        assert (z2[off] == 1.0).all(), f"case {i}: z2 {z2.tolist()} on rows without top-p"
+        assert torch.equal(host > 0, want > 0), f"case {i}: support {host.tolist()} != {want.tolist()}"
+        torch.testing.assert_close(host, want, rtol=1e-5, atol=1e-7, msg=f"case {i}")
+        if top_k is not None:  # what the cases covered
+            z = logits * (1.0 / torch.where(temperature < 1e-5, 1.0, temperature.float()))[:, None]
+            for r in range(logits.shape[0]):
+                k = int(top_k[r])
+                if 0 < k < logits.shape[1] and temperature[r] >= 1e-5:
+                    kth = torch.sort(z[r], descending=True).values[k - 1]
+                    ties_split += int((z[r] == kth).sum() > 1 and (z[r] > kth).sum() + (z[r] == kth).sum() > k)
+                    top1 += k == 1
+        if top_p is not None:
+            topp_off += int(((top_p >= 1) & (temperature >= 1e-5)).sum())
+    assert ties_split > 50 and top1 > 30 and topp_off > 30, (ties_split, top1, topp_off)
+
+
 def _rejection_case(g: torch.Generator):
-    """Random valid inputs covering all draft modes, greedy rows, top-k/top-p, inactive requests, ties."""
-    ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    """Random inputs covering all draft modes, greedy rows, top-k/top-p, inactive requests, ties, invalid
+    draft ids and unchecked-path metadata (lengths beyond the request's or the batch's rows)."""
+    ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
     R, G, V = ri(1, 5), ri(0, 4), ri(1, 40)
-    mode = ri(0, 3)  # 3 = draft_logits + draft_token_probs
+    mode = min(ri(0, 4), 3)  # 3 = draft_logits + draft_token_probs (byte-minimal), drawn twice as often
     lengths = torch.tensor([ri(0, G) for _ in range(R)], dtype=torch.int32)
     active = torch.rand(R, generator=g) > 0.15
     rows = torch.where(active, lengths + 1, torch.zeros_like(lengths))
+    unchecked = ri(0, 4) == 0
+    if unchecked:  # fewer rows than lengths[r] + 1 (still >= 1), or lengths outside [0, γ]
+        rows = torch.where(active, torch.clamp(rows - torch.randint(0, 3, (R,), generator=g), min=1), rows)
+        lengths = torch.where(torch.rand(R, generator=g) < 0.3, lengths + torch.randint(-2, 4, (R,), generator=g),
+                              lengths).to(torch.int32)
     cu = torch.zeros(R + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(rows, 0)
-    N = int(cu[-1]) + ri(0, 2)
-    logits = torch.randn(N, V, generator=g) * (0.5 + 2.5 * torch.rand(1, generator=g))
-    if ri(0, 3) == 0:  # coarse values: exact ties in z, p and the argmax
-        logits = (logits * 2).round() / 2
-    temperature = torch.where(torch.rand(R, generator=g) < 0.25, torch.zeros(R), 0.3 + 1.4 * torch.rand(R, generator=g))
+    N = max(1, int(cu[-1]) + (ri(-2, 0) if unchecked else ri(0, 2)))  # unchecked: the last rows may not exist
+    if ri(0, 2) == 0:  # coarse values: exact ties in z, p and the argmax
+        logits = _tie_heavy_logits(g, N, V)
+    else:
+        logits = torch.randn(N, V, generator=g) * (0.5 + 2.5 * torch.rand(1, generator=g))
+    temperature = _temperature(g, R)
     seed = torch.randint(-(2**62), 2**62, (R,), generator=g)
     offset = torch.tensor(ri(0, 2**40))
-    top_k = torch.randint(-1, V + 2, (R,), generator=g) if ri(0, 1) else None
-    top_p = None
-    if ri(0, 1):
-        top_p = 0.05 + 0.95 * torch.rand(R, generator=g)
-        top_p = torch.where(torch.rand(R, generator=g) < 0.2, torch.ones(R), top_p)
+    top_k = _top_k(g, R, V) if ri(0, 1) else None
+    top_p = _top_p(g, R) if ri(0, 1) else None
     # Drafts: from a perturbed copy of each request's target rows, so chains of acceptances occur.
     d_logits = torch.randn(R, G, V, generator=g)
     for r in range(R):
         for j in range(G):
-            if rows[r] > 0 and j < lengths[r]:
+            if int(cu[r]) + j < N:
                 d_logits[r, j] = logits[int(cu[r]) + j] + 0.3 * d_logits[r, j]
-    d_temp = torch.where(torch.rand(R, generator=g) < 0.2, torch.zeros(R), 0.5 + torch.rand(R, generator=g))
+    d_temp = _temperature(g, R)
     q = filtered_probs(d_logits.reshape(R * G, V), d_temp[:, None].expand(R, G).reshape(-1)).reshape(R, G, V)
     if R * G:
         drafts = torch.multinomial(q.reshape(R * G, V) + 1e-9, 1, generator=g).reshape(R, G)
+        # Invalid draft ids: rejected, and their position's token drawn from the target row.
+        bad = torch.rand(R, G, generator=g) < 0.12
+        invalid = torch.where(torch.rand(R, G, generator=g) < 0.5, torch.full_like(drafts, -1),
+                              V + torch.randint(0, 3, (R, G), generator=g))
+        drafts = torch.where(bad, invalid, drafts)
     else:
         drafts = torch.zeros(R, G, dtype=torch.int64)
     kw = dict(top_k=top_k, top_p=top_p)
@@ -114,7 +234,11 @@ def _rejection_case(g: torch.Generator):
         kw["draft_logits"] = d_logits
         kw["draft_temperature"] = d_temp
         if mode == 3:
-            kw["draft_token_probs"] = q.gather(-1, drafts[..., None]).squeeze(-1).clamp(min=1e-6)
+            # p_d(x) not always softmax(u)(x): q = p_d(x)·exp(u - u_x) is then not the softmax.
+            p_dx = q.gather(-1, drafts.clamp(0, V - 1)[..., None]).squeeze(-1)
+            scale = torch.where(torch.rand(R, G, generator=g) < 0.5, torch.ones(R, G),
+                                0.2 + 1.6 * torch.rand(R, G, generator=g))
+            kw["draft_token_probs"] = (p_dx * scale).clamp(1e-6, 1.0)
     args = (logits, drafts, draft_probs, lengths, cu, temperature, seed, offset)
     # Host program input (see rejection_case() in csrc/tests/host_math_sampling.cu).
     host_mode = min(mode, 2)
@@ -141,21 +265,35 @@ def _rejection_case(g: torch.Generator):
 
 def test_rejection_sample_host_emulation_matches_reference(host_exe):
     g = torch.Generator().manual_seed(1234)
-    cases = [_rejection_case(g) for _ in range(100)]  # ~300 requests
+    cases = [_rejection_case(g) for _ in range(400)]  # ~1200 requests
     lines = _run(host_exe, [c[2] for c in cases])
     assert len(lines) == len(cases)
     mismatches = []
+    invalid_rejected = implied_residuals = 0
     for i, ((args, kw, _), line) in enumerate(zip(cases, lines)):
         tokens, n_acc = _reference(
             rejection_sample_op, *args, kw["top_k"], kw["top_p"], kw.get("draft_token_probs"),
             kw.get("draft_logits"), kw.get("draft_temperature"),
         )
         R, G = args[1].shape
+        V = args[0].shape[1]
         host = torch.tensor([int(v) for v in line.split()], dtype=torch.int32)
         host_tokens, host_n = host[: R * (G + 1)].reshape(R, G + 1), host[R * (G + 1):]
         if not (torch.equal(host_tokens, tokens) and torch.equal(host_n, n_acc)):
             mismatches.append((i, tokens.tolist(), host_tokens.tolist(), n_acc.tolist(), host_n.tolist()))
+        assert ((host_tokens >= -1) & (host_tokens < V)).all(), f"case {i}: an emitted id outside [0, V) or -1"
+        # What the cases covered: rejections at an invalid draft; residuals from the byte-minimal q.
+        cu, N = args[4].tolist(), args[0].shape[0]
+        for r in range(R):
+            live = cu[r + 1] > cu[r] and 0 <= cu[r] < N
+            length = min(max(int(args[3][r]), 0), G, N - 1 - cu[r], cu[r + 1] - cu[r] - 1) if live else 0
+            j = int(n_acc[r])
+            if j < length and not 0 <= int(args[1][r, j]) < V:
+                invalid_rejected += 1
+            if j < length and "draft_token_probs" in kw and args[5][r] >= 1e-5:
+                implied_residuals += 1
     assert not mismatches, f"{len(mismatches)} of {len(cases)} cases differ, first: {mismatches[0]}"
+    assert invalid_rejected > 30 and implied_residuals > 40, (invalid_rejected, implied_residuals)
 
 
 def _markov_case(g: torch.Generator):
@@ -165,8 +303,8 @@ def _markov_case(g: torch.Generator):
     base = torch.randn(R, G, V, generator=g) * 2
     w1 = torch.randn(V, K, generator=g)
     w2 = torch.randn(V, K, generator=g) * 0.5
-    anchor = torch.randint(0, V, (R,), generator=g)
-    temperature = torch.where(torch.rand(R, generator=g) < 0.25, torch.zeros(R), 0.3 + 1.4 * torch.rand(R, generator=g))
+    anchor = torch.randint(-2, V + 2, (R,), generator=g)  # out of range: draft_block clamps it
+    temperature = _temperature(g, R)
     seed = torch.randint(-(2**62), 2**62, (R,), generator=g)
     offset = torch.tensor(ri(0, 2**40))
     args = (base, anchor, w1, w2, temperature, seed, offset)

@@ -281,7 +281,7 @@ FILTER_LOGITS = torch.tensor(
 FILTER_GROUPS = [
     (0, 1.0, 0, 1.0),
     (0, 0.5, 2, 1.0),  # 3.0 and 2.0 kept
-    (0, 1.0, 3, 1.0),  # k-th value 1.0 is tied: 4 tokens kept
+    (0, 1.0, 3, 1.0),  # k-th value 1.0 is tied: exactly 3 kept, the lower id (1) of the tie
     (0, 2.0, 8, 1.0),  # k == V: off
     (0, 1.0, -1, 1.0),  # k < 0: off
     (0, 1.0, 0, 0.6),
@@ -289,7 +289,9 @@ FILTER_GROUPS = [
     (0, 0.7, 5, 0.5),
     (0, 1.0, 0, 1e-6),  # only the top token
     (1, 1.0, 0, 0.3),  # all tied: everything kept
-    (1, 1.0, 2, 1.0),  # all tied at the k-th value: everything kept
+    (1, 1.0, 2, 1.0),  # all tied at the k-th value: ids 0 and 1
+    (1, 1.0, 1, 1.0),  # top_k = 1 is the greedy token, ties included (vLLM #5404)
+    (0, 0.9, 1, 1.0),  # top_k = 1 at T > 0: always the argmax
     (2, 1.0, 0, 1.0),  # -inf logits never win
     (2, 1.0, 2, 0.9),
 ]
@@ -300,9 +302,10 @@ def test_expected_probs_semantics():
     row = FILTER_LOGITS[0]
     support = lambda p: set(torch.nonzero(p[0] > 0).reshape(-1).tolist())
     assert support(expected_probs(row, 0.5, 2)) == {0, 7}
-    assert support(expected_probs(row, 1.0, 3)) == {0, 1, 2, 7}
+    assert support(expected_probs(row, 1.0, 3)) == {0, 1, 7}  # exactly 3: the tie at 1.0 goes to id 1
     assert support(expected_probs(row, 1.0, 0, 1e-6)) == {7}
-    assert support(expected_probs(FILTER_LOGITS[1], 1.0, 2)) == set(range(8))
+    assert support(expected_probs(FILTER_LOGITS[1], 1.0, 2)) == {0, 1}
+    assert support(expected_probs(FILTER_LOGITS[1], 1.0, 1)) == {0}
     p = expected_probs(row, 1.0)
     # top_p between mass(3.0) and mass(3.0, 2.0): keeps both (mass above 2.0 < top_p).
     assert support(expected_probs(row, 1.0, 0, float(p[0, 7]) + 1e-3)) == {0, 7}
@@ -663,3 +666,57 @@ def test_backend_matches_reference_exactly(backend, mode):
     ref = call("reference", *args, 2**33 + 1, **kw)
     out = call(backend, *args, 2**33 + 1, **kw)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+# ---------------------------------------------------------------------------
+# Every path of the compiled backends' top-k / top-p selection against the reference
+# ---------------------------------------------------------------------------
+
+
+def _filter_case(name):
+    """(logits [R, V], top_k [R] or None, top_p [R] or None): each exercises one selection path."""
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    R = 24
+    if name == "topk_ties_slow":  # more than CAP tokens tied at the k-th value: the bisection path
+        logits = torch.zeros(R, 5000)
+        logits[:, ::7] = 1.0
+        return logits, torch.full((R,), 900), None
+    if name == "topp_ties_slow":  # the boundary inside a bin of 5000 tied tokens (> CAP): the bisection path
+        logits = torch.zeros(R, 7503)
+        logits[:, :3] = 5.0
+        logits[:, 3:5003] = 1.0  # kept whole (ties by probability stay together); the 0.0 tail is dropped
+        return logits, None, torch.full((R,), 0.6)
+    if name == "topp_wide_nucleus":  # a peak plus a flat tail: thousands of tokens surely kept, candidates between
+        logits = torch.randn(R, 20000, generator=g)
+        logits[:, 3] += 11.0
+        return logits, None, torch.full((R,), 0.9)
+    if name == "topk_ties_fast":  # ties at the k-th value, few candidates
+        logits = torch.randint(0, 4, (R, 3000), generator=g).float()
+        return logits, torch.randint(1, 40, (R,), generator=g), None
+    if name == "both":
+        logits = 2.0 * torch.randn(R, 6000, generator=g)
+        return logits, torch.randint(1, 1200, (R,), generator=g), torch.rand(R, generator=g) * 0.9 + 0.05
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+@pytest.mark.parametrize("name", ["topk_ties_slow", "topp_ties_slow", "topp_wide_nucleus", "topk_ties_fast", "both"])
+def test_filter_selection_paths_match_reference(backend, name):
+    """The histogram / candidate / bisection paths of the compiled kernels give the reference's tokens:
+    plain sampling (length 0: the bonus token) from the filtered target, every request its own seed."""
+    logits, top_k, top_p = _filter_case(name)
+    R, V = logits.shape
+    lengths = torch.zeros(R, dtype=torch.int32)
+    drafts = torch.zeros(R, 1, dtype=torch.int32)
+    kw = {k: v for k, v in (("top_k", top_k), ("top_p", top_p)) if v is not None}
+    args = (logits, drafts, None, lengths, cu_from_lengths(lengths), torch.full((R,), 0.8),
+            torch.arange(R, dtype=torch.int64) + 5, 3)
+    want, _ = call("reference", *args, **kw)
+    got, _ = call(backend, *args, **kw)
+    assert torch.equal(got, want), (got[:, 0], want[:, 0])
+    # The draws come from the filtered set, and the filter really removed tokens (the case is not vacuous).
+    from dspark_kernels.reference.sampling import filtered_probs
+
+    probs = filtered_probs(logits, torch.full((R,), 0.8), top_k, top_p)
+    assert bool((probs.gather(1, want[:, :1].long()) > 0).all())
+    assert bool(((probs == 0).sum(1) > 0).all())

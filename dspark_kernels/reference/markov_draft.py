@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .. import rng
-from .sampling import GREEDY_TEMPERATURE, gumbel_sample_logits
+from .sampling import gumbel_sample_logits, inverse_temperature
 
 
 class Block:
@@ -86,7 +86,8 @@ def draft_block(a, steps: Steps) -> tuple:
     if num_req == 0 or gamma == 0:
         return block.outputs(a)
     ws = steps.prepare(a)
-    prev = a.anchor.to(torch.int64)
+    # Unchecked path: an anchor outside [0, V) is clamped, never an out-of-bounds read of W1.
+    prev = a.anchor.to(torch.int64).clamp(0, a.base_logits.shape[2] - 1)
     state = torch.zeros((num_req, a.w1.shape[1]), dtype=torch.float32, device=prev.device) \
         if a.rnn_weight is not None else None
     for k in range(gamma):
@@ -107,19 +108,19 @@ class _Workspace(NamedTuple):
     w2: torch.Tensor  # [V, r] fp32
     temperature: torch.Tensor  # [R] fp32
     greedy: torch.Tensor  # [R] bool
-    safe_t: torch.Tensor  # [R] fp32, 1 on greedy rows
+    inv_t: torch.Tensor  # [R] fp32 1 / T, 1 on greedy rows
 
 
 def _prepare(a) -> _Workspace:
     temperature = a.temperature.float()
-    greedy = temperature < GREEDY_TEMPERATURE
-    return _Workspace(a.w2.float(), temperature, greedy, torch.where(greedy, torch.ones_like(temperature), temperature))
+    greedy, inv_t = inverse_temperature(temperature)
+    return _Workspace(a.w2.float(), temperature, greedy, inv_t)
 
 
 def _step(a, ws: _Workspace, k: int, e: torch.Tensor, block: Block) -> None:
     z = a.base_logits[:, k].float() + e @ ws.w2.T  # [R, V]
     x = gumbel_sample_logits(z, ws.temperature, a.seed, a.offset, rng.STREAM_DRAFT, k)
-    p_x = torch.softmax(z / ws.safe_t[:, None], dim=-1).gather(-1, x[:, None]).squeeze(-1)
+    p_x = torch.softmax(z * ws.inv_t[:, None], dim=-1).gather(-1, x[:, None]).squeeze(-1)
     block.tokens[:, k] = x.to(torch.int32)
     block.token_probs[:, k] = torch.where(ws.greedy, torch.ones_like(p_x), p_x)
     if block.z is not None:
@@ -127,8 +128,8 @@ def _step(a, ws: _Workspace, k: int, e: torch.Tensor, block: Block) -> None:
 
 
 def _probs(a, ws: _Workspace, block: Block) -> None:
-    """softmax(z_k / T), one-hot at x_k on greedy rows (x_k is then the first argmax of z_k)."""
-    probs = torch.softmax(block.z / ws.safe_t[:, None, None], dim=-1)
+    """softmax(z_k · (1 / T)), one-hot at x_k on greedy rows (x_k is then the first argmax of z_k)."""
+    probs = torch.softmax(block.z * ws.inv_t[:, None, None], dim=-1)
     onehot = torch.zeros_like(probs).scatter_(-1, block.tokens[..., None].long(), 1.0)
     block.draft_probs.copy_(torch.where(ws.greedy[:, None, None], onehot, probs))
 

@@ -26,7 +26,7 @@ import triton.language as tl
 from .. import constants as C
 from ..reference.markov_draft import Steps, draft_block
 from . import rng
-from .sampling import greedy_and_scale, scaled_tile, softmax_stats
+from .sampling import greedy_and_inverse, scaled_tile_mul, softmax_stats
 
 STREAM_DRAFT = tl.constexpr(C.STREAM_DRAFT)
 
@@ -71,8 +71,8 @@ def _step_tile_kernel(
     if STORE_LOGITS:
         tl.store(logits_ptr + rows64[:, None] * stride_lr + cols64[None, :] * stride_lv, z, mask=ok)
 
-    _rows_greedy, t = greedy_and_scale(tl.load(temp_ptr + rows, mask=row_ok, other=1.0))
-    zt = tl.math.div_rn(z, t[:, None])
+    _rows_greedy, inv_t = greedy_and_inverse(tl.load(temp_ptr + rows, mask=row_ok, other=1.0))
+    zt = z * inv_t[:, None]
     seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)
     offset = tl.load(offset_ptr)
     g = rng.gumbel(rng.uniform(seed[:, None], offset, STREAM_DRAFT, step, cols64[None, :]))
@@ -101,7 +101,7 @@ def _step_reduce_kernel(
     BLOCK_T: tl.constexpr,
 ):
     r = tl.program_id(0)
-    greedy, t = greedy_and_scale(tl.load(temp_ptr + r))
+    greedy, inv_t = greedy_and_inverse(tl.load(temp_ptr + r))
     base = r.to(tl.int64) * num_tiles
     best = tl.full((), float("-inf"), tl.float32)
     best_arg = tl.full((), 0, tl.int32)
@@ -134,7 +134,7 @@ def _step_reduce_kernel(
         pm = tl.load(part_max_ptr + base + idx, mask=ok, other=float("-inf"))
         ps = tl.load(part_sum_ptr + base + idx, mask=ok, other=0.0)
         s += tl.sum(tl.where(ok & (pm > float("-inf")), ps * tl.exp(pm - m), 0.0), 0)
-    p_x = tl.exp(tl.math.div_rn(z_best, t) - m) / s
+    p_x = tl.exp(z_best * inv_t - m) / s
     token = tl.where(greedy, garg, best_arg)
     tl.store(tokens_ptr + r * stride_tr + step, token)
     tl.store(probs_ptr + r * stride_pr + step, tl.where(greedy, 1.0, p_x))
@@ -144,14 +144,14 @@ def _step_reduce_kernel(
 def _probs_kernel(logits_ptr, probs_ptr, temp_ptr, tokens_ptr, gamma, vocab, BLOCK: tl.constexpr):
     """draft_probs[r, k] = softmax(z / T) from the stored z (one-hot at x_k for greedy rows)."""
     row = tl.program_id(0)  # r * gamma + k
-    greedy, t = greedy_and_scale(tl.load(temp_ptr + row // gamma))
+    greedy, inv_t = greedy_and_inverse(tl.load(temp_ptr + row // gamma))
     x = tl.load(tokens_ptr + row)
     base = logits_ptr + row.to(tl.int64) * vocab
-    m, s, _first_max = softmax_stats(base, vocab, t, True, BLOCK)
+    m, s, _first_max = softmax_stats(base, vocab, inv_t, BLOCK)
     offs = tl.arange(0, BLOCK)
     for v0 in range(0, vocab, BLOCK):
         idx = v0 + offs
-        p = tl.exp(scaled_tile(base, idx, idx < vocab, t) - m) / s
+        p = tl.exp(scaled_tile_mul(base, idx, idx < vocab, inv_t) - m) / s
         p = tl.where(greedy, tl.where(idx == x, 1.0, 0.0), p)
         tl.store(probs_ptr + row.to(tl.int64) * vocab + idx, p, mask=idx < vocab)
 
