@@ -59,6 +59,7 @@ class Arg:
     choices: tuple = ()  # str / int values: the allowed ones
     lo: Any = None  # int / float values: inclusive bounds
     hi: Any = None
+    default: Any = None  # the public function's default (record() fills it in)
 
     @property
     def schema(self) -> str:
@@ -79,10 +80,11 @@ def scalar_tensor(name: str, dtypes: Sequence[torch.dtype], *, optional: bool = 
     return Arg(name, "Tensor", optional, tuple(dtypes), None, tuple(requires))
 
 
-def value(name: str, kind: str, *, optional: bool = False, choices: tuple = (), lo=None, hi=None) -> Arg:
-    """A plain int / float / bool / str argument (schema scalar)."""
+def value(name: str, kind: str, *, optional: bool = False, choices: tuple = (), lo=None, hi=None,
+          default=None) -> Arg:
+    """A plain int / float / bool / str argument (schema scalar); default: the public function's."""
     assert kind in ("int", "float", "bool", "str"), kind
-    return Arg(name, kind, optional, choices=tuple(choices), lo=lo, hi=hi)
+    return Arg(name, kind, optional, choices=tuple(choices), lo=lo, hi=hi, default=default)
 
 
 class Op:
@@ -131,11 +133,11 @@ class Op:
     # ------------------------------------------------------------------ records and checks
 
     def record(self, **kwargs) -> tuple:
-        """The argument record from keyword arguments (absent optional ones are None)."""
+        """The argument record from keyword arguments (absent ones: their default, or None)."""
         unknown = set(kwargs) - set(self.Args._fields)
         if unknown:
             raise TypeError(f"{self.name} has no argument(s) {sorted(unknown)}")
-        return self.Args(*(kwargs.get(a.name) for a in self.args))
+        return self.Args(*(kwargs.get(a.name, a.default) for a in self.args))
 
     def check(self, a: tuple) -> dict:
         """Every metadata check of the table, then the op's own; returns the bound dimension symbols.

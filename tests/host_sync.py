@@ -28,8 +28,10 @@ class HostSyncSpy(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.syncs: list[str] = []
+        self.ops: list[str] = []  # every op dispatched, in order (for "no torch op here" checks)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
         if func in SYNC_OPS:
             self.syncs.append(str(func))
         return func(*args, **(kwargs or {}))

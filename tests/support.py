@@ -53,3 +53,29 @@ def debug_mode(on: bool):
         yield
     finally:
         dk.set_debug(was)
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Counts Triton kernel launches in the block: a list whose length is the count, one kernel
+    name per launch (interpreted grids on CPU, compiled launches on a GPU)."""
+    import triton.runtime.interpreter as interp
+    import triton.runtime.jit as jit
+
+    names: list[str] = []
+    grid_call, run = interp.GridExecutor.__call__, jit.JITFunction.run
+
+    def counted_grid(self, *a, **k):
+        names.append(getattr(self.fn, "__name__", "?"))
+        return grid_call(self, *a, **k)
+
+    def counted_run(self, *a, **k):
+        if not k.get("warmup", False):
+            names.append(self.fn.__name__)
+        return run(self, *a, **k)
+
+    interp.GridExecutor.__call__, jit.JITFunction.run = counted_grid, counted_run
+    try:
+        yield names
+    finally:
+        interp.GridExecutor.__call__, jit.JITFunction.run = grid_call, run

@@ -58,3 +58,19 @@ def test_readme_op_table_lists_the_registry():
     table = text.split("## Ops", 1)[1].split("\n\n", 3)[2]
     listed = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
     assert listed == list(OPS), (listed, OPS)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_table_defaults_are_the_signatures(op):
+    """A value argument's default is written twice (the signature is the spec; the table fills records):
+    they must agree."""
+    import inspect
+
+    module = importlib.import_module(f"dspark_kernels.ops.{op}")
+    params = inspect.signature(getattr(module, op)).parameters
+    assert [a.name for a in module.OP.args] == [p for p in params if p != "backend"], op
+    for arg in module.OP.args:
+        default = params[arg.name].default
+        if default is inspect.Parameter.empty:
+            continue
+        assert arg.default == default, (op, arg.name, arg.default, default)

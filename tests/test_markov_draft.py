@@ -59,7 +59,7 @@ from markov_model import (
     with_rnn_head,
 )
 from stats import ALPHA, assert_follows, counts_of
-from support import available_backends, interpreted as _interpreted, to_cpu, to_device
+from support import available_backends, count_launches, interpreted as _interpreted, to_cpu, to_device
 
 BACKENDS = available_backends(md_op)
 
@@ -82,15 +82,17 @@ MARGIN = 1e-4
 # ---------------------------------------------------------------------------
 
 
-def draft(backend, U, anchor, head, T, seed, offset=0, *, hidden=None, probs=False, logits=False, check=True):
-    """Run the public op on DEVICE and return a MarkovDraft of CPU tensors; check the output layout."""
+def draft(backend, U, anchor, head, T, seed, offset=0, *, hidden=None, probs=False, logits=False, check=True,
+          exact=True):
+    """Run the public op on DEVICE and return a MarkovDraft of CPU tensors; check the output layout.
+    exact=True (the token-for-token mode) unless a test is about the fast path."""
     if not isinstance(offset, torch.Tensor):
         offset = torch.tensor(offset, dtype=torch.int64)
     if not isinstance(T, torch.Tensor):
         T = torch.full((U.shape[0],), float(T))
     out = dk.markov_draft(*(to_device(t) for t in (U, anchor, head.w1, head.w2, T, seed, offset)),
                           hidden=to_device(hidden), **{k: to_device(v) for k, v in head.kwargs().items()},
-                          return_draft_probs=probs, return_draft_logits=logits, backend=backend)
+                          return_draft_probs=probs, return_draft_logits=logits, exact=exact, backend=backend)
     out = dk.MarkovDraft(*(to_cpu(t) for t in out))
     if check:
         check_structure(out, U.shape, head, probs, logits)
@@ -170,9 +172,13 @@ def mc_temperatures():
     return torch.cat([torch.full((n,), t) for n, t in zip(sizes, MC_GROUPS)])
 
 
-@pytest.mark.parametrize("backend", MC_BACKENDS)
+# Every compiled backend in its exact mode and (Triton) its fast path; the reference is exact either way.
+MC_MODES = [(b, True) for b in MC_BACKENDS] + [(b, False) for b in MC_BACKENDS if b == "triton"]
+
+
+@pytest.mark.parametrize("backend,exact", MC_MODES)
 @pytest.mark.parametrize("kind", ["vanilla", "gated", "rnn"])
-def test_block_follows_exact_law(backend, kind):
+def test_block_follows_exact_law(backend, exact, kind):
     """Per temperature group: x_1, every x_k | prefix and the joint block vs the enumeration;
     greedy rows are the argmax path; token_probs are p_d(x_k) of that same law."""
     head, U, h = mc_setup(kind, {"vanilla": 1, "gated": 2, "rnn": 3}[kind])
@@ -184,7 +190,7 @@ def test_block_follows_exact_law(backend, kind):
     anchor = torch.full((R,), anchor_id, dtype=torch.int64)
     seed = torch.arange(R, dtype=torch.int64)
     hidden = h.expand(R, -1, -1)
-    out = draft(backend, U.expand(R, -1, -1), anchor, head, T, seed, 11, hidden=hidden)
+    out = draft(backend, U.expand(R, -1, -1), anchor, head, T, seed, 11, hidden=hidden, exact=exact)
     for t in MC_GROUPS:
         rows = T == t
         law = block_law(U, h, anchor_id, head, t)
@@ -678,9 +684,8 @@ def test_tiny_positive_temperature_is_greedy(backend):
 
 
 def _raw_args(d, probs, logits):
-    names = ["base_logits", "anchor", "w1", "w2", "temperature", "seed", "offset", "hidden", "conf_weight",
-             "conf_bias", "sts_temperature", "gate_weight", "gate_bias", "rnn_weight", "rnn_bias"]
-    return tuple(d.get(n) for n in names) + (probs, logits, "")
+    """The positional arguments of torch.ops.dspark.markov_draft, in the op table's order."""
+    return tuple(md_op.OP.record(**d, return_draft_probs=probs, return_draft_logits=logits, exact=False)) + ("",)
 
 
 @pytest.mark.parametrize("variant", ["vanilla-bare", "rnn-conf-logits", "empty-batch"])
@@ -697,3 +702,77 @@ def test_opcheck_other_variants(variant):
                  seed=d["seed"][:0], hidden=d["hidden"][:0])
         args = _raw_args(d, True, False)
     torch.library.opcheck(torch.ops.dspark.markov_draft.default, args)
+
+
+
+# ---------------------------------------------------------------------------
+# The fast path (exact=False): self-consistent, close to the reference, 2 launches per step
+# ---------------------------------------------------------------------------
+
+
+def _cast_head(head, dtype):
+    return replace(head, **{f: getattr(head, f).to(dtype) for f in ("w1", "w2", "gate_weight", "gate_bias",
+                                                                     "rnn_weight", "rnn_bias")
+                            if getattr(head, f) is not None})
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+@pytest.mark.parametrize("kind", ["vanilla", "gated", "rnn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fast_path_reports_the_distribution_it_samples(backend, kind, dtype):
+    """What verification needs: token_probs, draft_probs and draft_logits are exactly the distribution
+    each token was drawn from (recomputed here from the returned logits), greedy rows take its argmax;
+    and the logits are within the operands' rounding of the float64 formulas along the same tokens."""
+    gen = torch.Generator().manual_seed(31 + ["vanilla", "gated", "rnn"].index(kind))
+    R, gamma, V, r, d = 6, 3, 300, 16, 24
+    U, anchor, head, T, seed, hidden = random_inputs(R, gamma, V, r, d, kind, gen, conf=True, sts=[1.0, 1.5, 0.7])
+    head = _cast_head(head, dtype)
+    out = draft(backend, U, anchor, head, T, seed, 5, hidden=hidden, probs=True, logits=True, exact=False)
+    z = out.draft_logits.double()
+    greedy = T < 1e-5
+    inv_t = 1.0 / torch.where(greedy, torch.ones_like(T), T).double()
+    law = torch.softmax(z * inv_t[:, None, None], -1)
+    x = out.tokens.long()
+    stoch = ~greedy
+    torch.testing.assert_close(out.token_probs[stoch].double(), law[stoch].gather(-1, x[stoch][..., None])[..., 0],
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.draft_probs[stoch].double(), law[stoch], rtol=1e-5, atol=1e-7)
+    assert torch.equal(x[greedy], z[greedy].argmax(-1))
+    assert bool((out.token_probs[greedy] == 1).all())
+    z64, _, conf64 = exact_path(U, anchor, head, T, out.tokens, hidden)
+    # e is rounded to W2's dtype (fp16: 2^-11; fp32 weights run as tf32 on a GPU: 2^-11 too) before the product.
+    bound = 4 * 2.0**-11 * r * float(head.w2.abs().max()) * max(1.0, float(head.w1.abs().max())) + 1e-4
+    assert float((z - z64).abs().max()) <= bound, (float((z - z64).abs().max()), bound)
+    torch.testing.assert_close(out.confidence.double(), conf64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.survival.double(), torch.cumprod(conf64, 1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_fast_path_is_token_exact_when_the_products_are(backend):
+    """Vanilla head, W1 entries in {-1, 0, 1}, W2 and U multiples of 1/8 in fp16: every product and sum is
+    exact, so the tensor-core path draws the reference's tokens."""
+    gen = torch.Generator().manual_seed(7)
+    R, gamma, V, r = 9, 4, 333, 16
+    w1 = torch.randint(-1, 2, (V, r), generator=gen).to(torch.float16)
+    w2 = (torch.randint(-8, 9, (V, r), generator=gen) / 8).to(torch.float16)
+    U = (torch.randint(-16, 17, (R, gamma, V), generator=gen) / 8).to(torch.float16)
+    anchor = torch.randint(0, V, (R,), generator=gen)
+    T = torch.tensor([1.0, 0.0, 0.5, 2.0, 1.0, 0.0, 0.7, 1.3, 1.0])
+    seed = torch.arange(R, dtype=torch.int64) * 97
+    x = [to_device(t) for t in (U, anchor, w1, w2, T, seed, torch.tensor(3))]
+    fast = dk.markov_draft(*x, exact=False, backend=backend)
+    ref = dk.markov_draft(*x, backend="reference")
+    assert torch.equal(fast.tokens.cpu(), ref.tokens.cpu())
+    torch.testing.assert_close(fast.token_probs.cpu(), ref.token_probs.cpu(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", [b for b in OTHER_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("probs", [False, True])
+def test_launches_per_call(backend, probs):
+    """Fast path: 2 launches per draft step + 1 (+1 for draft_probs); nothing else in Triton."""
+    gen = torch.Generator().manual_seed(3)
+    R, gamma, V, r, d = 4, 3, 200, 16, 8
+    U, anchor, head, T, seed, hidden = random_inputs(R, gamma, V, r, d, "gated", gen, conf=True)
+    with count_launches() as names:
+        draft(backend, U, anchor, head, T, seed, hidden=hidden, probs=probs, exact=False)
+    assert len(names) == 2 * gamma + 1 + probs, names

@@ -460,7 +460,10 @@ def test_tiny_temperature_is_greedy(backend):
     outs = []
     for t in (0.0, 1e-39, 9e-6):
         args[5] = torch.full((12,), t)
+        # A greedy draft row's draft_token_probs are 1 (consistent inputs; the value checks insist).
         kw_t = dict(kw, draft_temperature=torch.full((12,), t))
+        if kw_t.get("draft_token_probs") is not None:
+            kw_t["draft_token_probs"] = torch.ones_like(kw_t["draft_token_probs"])
         outs.append(call(backend, *args, **kw_t))
     for tokens, n_acc in outs[1:]:
         assert torch.equal(tokens, outs[0][0]) and torch.equal(n_acc, outs[0][1])
@@ -720,3 +723,28 @@ def test_filter_selection_paths_match_reference(backend, name):
     probs = filtered_probs(logits, torch.full((R,), 0.8), top_k, top_p)
     assert bool((probs.gather(1, want[:, :1].long()) > 0).all())
     assert bool(((probs == 0).sum(1) > 0).all())
+
+
+@pytest.mark.parametrize("backend", [b for b in OTHER_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("mode", ["onehot", "probs", "logits"])
+def test_three_launches_and_no_torch_op_in_the_launcher(backend, mode):
+    """Row statistics, the sliced race, the merge: 3 launches per call, whatever the filters; the
+    launcher runs no torch op on the inputs (rows are mapped to requests in the kernels)."""
+    from host_sync import HostSyncSpy
+
+    from support import count_launches
+
+    args, kw = random_batch(R=5, V=300, gamma=3, seed=2, mode=mode)
+    names7 = ["target_logits", "draft_tokens", "draft_probs", "lengths", "cu_verify", "temperature", "seed"]
+    x = {k: to_device(v) for k, v in dict(zip(names7, args), offset=torch.tensor(0), **kw).items()}
+    for filters in (False, True):
+        rec = rs_op.OP.record(**{k: v for k, v in x.items() if filters or k not in ("top_k", "top_p")})
+        with count_launches() as names, HostSyncSpy() as spy:
+            rs_op.OP.run(backend, rec)
+        assert names == ["_row_kernel", "_race_kernel", "_merge_kernel"], names
+        # Allocation and views only (the interpreter adds its own host copies: copy_, set_).
+        allowed = ("aten.empty.", "aten.new_empty.", "aten.unsqueeze.", "aten.view.", "aten.select.", "aten.slice.")
+        if _interpreted(backend):
+            allowed += ("aten.copy_.", "aten.set_.")
+        assert [op for op in spy.ops if not op.startswith(allowed)] == [], spy.ops
+        assert any(op.startswith("aten.empty.") for op in spy.ops)

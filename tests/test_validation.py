@@ -414,6 +414,23 @@ def _logits_mode(d):
     return d
 
 
+def _consistent_logits_mode(d):
+    """Byte-minimal inputs as markov_draft gives them: token probs = softmax(draft_logits / T_d) at the drafts."""
+    d = _logits_mode(d)
+    d["draft_temperature"] = torch.ones_like(d["temperature"])
+    return d
+
+
+def _halve_token_probs(d):
+    return {**d, "draft_token_probs": d["draft_token_probs"] * 0.5}
+
+
+def test_consistent_byte_minimal_inputs_pass(value_checks_on):
+    d = _consistent_logits_mode(_rejection_good())
+    for backend in BACKENDS["rejection_sample"]:
+        call_on_device("rejection_sample", backend, d)
+
+
 def _lengths_plus(delta_at):
     def f(d):
         lengths = d["lengths"].clone()
@@ -475,6 +492,11 @@ REJECTION_BAD = [
      "draft_probs"),
     ("draft_probs_negative", _set("draft_probs", lambda t: torch.where(torch.arange(7) == 3, -0.1, t)), ValueError,
      "draft_probs"),
+    # The residual needs the exact draft distribution: unnormalised rows and token probabilities that
+    # disagree with the logits are caller errors (issue 12); the unchecked result is documented in the op.
+    ("draft_probs_unnormalised", _set("draft_probs", lambda t: t * 1.5), ValueError, "draft_probs.*sum to 1"),
+    ("draft_token_probs_inconsistent", lambda d: _halve_token_probs(_consistent_logits_mode(d)), ValueError,
+     "draft_token_probs disagree"),
 ]
 
 

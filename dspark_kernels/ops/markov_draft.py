@@ -93,8 +93,9 @@ OP = Op(
         tensor("gate_bias", "r", FLOAT, optional=True, requires=(("gate_weight", "it is the gate's bias"),)),
         tensor("rnn_weight", "r, 2*r", FLOAT, optional=True),
         tensor("rnn_bias", "r", FLOAT, optional=True, requires=(("rnn_weight", "it is the RNN cell's bias"),)),
-        value("return_draft_probs", "bool"),
-        value("return_draft_logits", "bool"),
+        value("return_draft_probs", "bool", default=False),
+        value("return_draft_logits", "bool", default=False),
+        value("exact", "bool", default=False),
     ],
     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     impls=Implementations(
@@ -165,6 +166,7 @@ def markov_draft(
     rnn_bias: torch.Tensor | None = None,
     return_draft_probs: bool = False,
     return_draft_logits: bool = False,
+    exact: bool = False,
     backend: str | None = None,
 ) -> MarkovDraft:
     """Sample a block of γ draft tokens with the DSpark Markov head.
@@ -189,6 +191,13 @@ def markov_draft(
         rnn_weight: [r, 2r], rnn_bias: [r]: RNN head.
         return_draft_probs / return_draft_logits: also return softmax(z_k / T)
             (one-hot for greedy rows) / z_k, [R, γ, V] fp32, for verification.
+        exact: bitwise the reference (the Triton backend then runs the head in torch and e·W2ᵀ in fp32
+            IEEE dots: the token-for-token mode). Default False: Triton's fused fast path, e·W2ᵀ on the
+            tensor cores with W2's dtype as operands (bf16/fp16; tf32 for fp32 weights) and fp32
+            accumulation, the head and confidence fused, 2 launches per draft step. It differs from the
+            reference by that rounding only: token_probs, draft_probs and draft_logits are always exactly
+            the distribution each token was drawn from, which is all that verification needs. The
+            reference and CUDA backends are exact either way.
         backend: "auto" | "reference" | "triton" | "cuda" (default: DSPARK_BACKEND or auto).
 
     Returns:

@@ -25,7 +25,7 @@ OP = Op(
         tensor("seed", "R", INT64),
         scalar_tensor("offset", INT64),
         value("stream", "int", lo=0, hi=rng.MAX_STREAM - 1),
-        value("position", "int", lo=0, hi=rng.MAX_POSITION - 1),
+        value("position", "int", lo=0, hi=rng.MAX_POSITION - 1, default=0),
         value("n", "int", lo=0, hi=rng.MAX_INDEX - 1),
     ],
     "Tensor",

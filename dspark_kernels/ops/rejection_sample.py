@@ -40,12 +40,39 @@ def _values(a):
         _checks.finite("draft_probs", a.draft_probs)
         if bool((a.draft_probs < 0).any()):
             raise ValueError("draft_probs must be non-negative")
+        # 1e-2 admits probabilities rounded to bf16 (relative 2^-9 per element) and catches logits or
+        # unnormalised weights passed by mistake.
+        sums = a.draft_probs[live].double().sum(-1)
+        tol = 1e-2
+        if sums.numel() and float((sums - 1).abs().max()) > tol:
+            raise ValueError(f"draft_probs rows of live drafts must sum to 1 (within {tol}): the residual would "
+                             f"not be lossless; got sums from {float(sums.min()):.6g} to {float(sums.max()):.6g}")
     if a.draft_token_probs is not None:
         _checks.finite("draft_token_probs", a.draft_token_probs)
         if bool((a.draft_token_probs[live] <= 0).any()) or bool((a.draft_token_probs > 1).any()):
             raise ValueError("draft_token_probs of live drafts must lie in (0, 1]")
+        _check_token_probs(a, live)
     _checks.not_nan("draft_logits", a.draft_logits)
     _checks.temperatures("draft_temperature", a.draft_temperature)
+
+
+def _check_token_probs(a, live):
+    """draft_token_probs must be softmax(draft_logits / T_d) at the draft (what markov_draft returns):
+    the residual takes its normaliser from them."""
+    from ..reference.sampling import inverse_temperature
+
+    t = a.draft_temperature if a.draft_temperature is not None else a.temperature
+    greedy, inv_t = inverse_temperature(t)
+    u = a.draft_logits.float() * inv_t[:, None, None]
+    x = a.draft_tokens.long().clamp(0, a.draft_logits.shape[-1] - 1)
+    want = torch.softmax(u, -1).gather(-1, x[..., None])[..., 0]
+    want = torch.where(greedy[:, None], torch.ones_like(want), want)
+    got = a.draft_token_probs.float()
+    bad = live & ((got - want).abs() > 1e-3 * want + 1e-6)
+    if bool(bad.any()):
+        r, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"draft_token_probs disagree with draft_logits (softmax at the draft temperature): request "
+                         f"{r}, draft {j}: given {float(got[r, j]):.6g}, the logits give {float(want[r, j]):.6g}")
 
 
 def _fake(a):
@@ -118,14 +145,23 @@ def rejection_sample(
     that argmax. The emitted tokens follow the target distribution exactly.
     A request with no verify rows emits nothing (all -1, num_accepted 0).
 
-    Target distribution of a row: z = logits / T; top-k keeps every token whose
-    z is >= the k-th largest z (ties at the boundary kept); then top-p keeps
-    token i iff the mass of the tokens strictly more probable than i is < top_p
-    (ties kept together); the kept probabilities are renormalised. Draft
-    distribution q_j: draft_probs[r, j]; or softmax(draft_logits[r, j] /
-    draft_temperature[r]) (one-hot at the argmax when that temperature is
-    greedy), p_d(x_j) taken from draft_token_probs when given (q then read only
-    at the first rejection); or e_{x_j} (one-hot drafts) when neither is given.
+    Target distribution of a row: z = logits · (1 / T), the reciprocal rounded
+    once per row; top-k keeps exactly k tokens, the first k in the order
+    (z descending, token id ascending), so ties at the k-th value go to the
+    lower ids and top_k = 1 is the greedy token; top-p then keeps, among the
+    survivors, token i iff the mass of the survivors strictly more probable
+    than i is < top_p, so tokens tied in probability are kept or dropped
+    together; the kept probabilities are renormalised (rows at top_p >= 1 are
+    left as they are). Draft distribution q_j: draft_probs[r, j]; or, in the
+    byte-minimal mode (draft_token_probs + draft_logits), q_i = p_d(x_j) ·
+    exp(u_i - u_{x_j}) with u = draft_logits[r, j] · (1 / T_d): the
+    distribution whose value at x_j is the given p_d(x_j), equal to
+    softmax(u) when they are consistent (as markov_draft's are), read only at
+    the first rejection and with no pass for its normaliser (one-hot at x_j
+    on greedy draft rows); with draft_logits alone, q = softmax(u) (one-hot at
+    its first argmax when greedy); or e_{x_j} (one-hot drafts) when neither is
+    given. A draft id outside [0, V) is rejected and has no draft
+    distribution: the token emitted at its position is drawn from p_{j-1}.
 
     Randomness (Philox, dspark_kernels.rng): the coin of draft j is uniform
     (seed[r], offset, STREAM_ACCEPT, position j-1, index 0), accepting iff
@@ -156,6 +192,17 @@ def rejection_sample(
     Returns:
         tokens [R, γ + 1] int32 (accepted drafts, then the residual/bonus token,
         then -1), num_accepted [R] int32.
+
+    Value checks (dspark_kernels.set_value_checks) reject inconsistent
+    metadata, ids outside [0, V), NaN/Inf, draft_probs rows of live drafts that
+    do not sum to 1 (within 1e-2) and draft_token_probs that disagree with
+    draft_logits (relative 1e-3). Without them (the default on CUDA) nothing
+    reads or writes out of bounds and every emitted id is in [0, V) or -1:
+    lengths are clamped to [0, γ] and to the request's rows, a request whose
+    rows do not start inside target_logits is inactive, NaN scores never win;
+    unnormalised draft_probs or inconsistent draft_token_probs are used as
+    given, so the emitted tokens then follow the residual they define, not the
+    target distribution.
 
     Examples:
         Greedy target (temperature 0) whose argmax after the anchor is 2, then 3:

@@ -64,7 +64,7 @@ OP = Op(
     [
         tensor("survival", "R, G", FLOAT64),
         tensor("sps", "B", (torch.float32, torch.float64)),
-        value("mode", "str", choices=MODES),
+        value("mode", "str", choices=MODES, default="causal"),
         tensor("history", "R, G", FLOAT64, optional=True),
         tensor("max_len", "R", INT, optional=True),
         tensor("active", "R", BOOL, optional=True),

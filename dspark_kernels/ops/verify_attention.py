@@ -102,9 +102,9 @@ OP = Op(
         tensor("cu_verify", "R+1", INT),
         tensor("tree_mask", "T, W", (torch.int32,), optional=True),
         value("sm_scale", "float", optional=True),
-        value("window", "int"),
-        value("softcap", "float"),
-        value("return_lse", "bool"),
+        value("window", "int", default=-1),
+        value("softcap", "float", default=0.0),
+        value("return_lse", "bool", default=False),
     ],
     "(Tensor, Tensor)",
     impls=Implementations(

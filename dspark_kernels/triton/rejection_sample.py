@@ -63,6 +63,13 @@ _NO_KTH_ID = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
+def _key(z):
+    """Top-k's order key of z: the ordered-key image of fp32 with -0.0 folded into +0.0 (equal values, as
+    the reference's stable sort sees them, so their tie is broken by id)."""
+    return ordered_key(tl.where(z == 0.0, 0.0, z))
+
+
+@triton.jit
 def _keep_topk(key, idx, kth_key, kth_id):
     """In the top k: before the k-th token (kth_key, kth_id) in the order (z descending, id ascending)."""
     return (key > kth_key) | ((key == kth_key) & (idx <= kth_id))
@@ -72,7 +79,7 @@ def _keep_topk(key, idx, kth_key, kth_id):
 def _target_prob(z, idx, m, zk, pthr, z2, kth_key, kth_id):
     """The filtered target probability of tokens idx with scaled logits z (the reference's filtered_probs)."""
     pk = tl.exp(z - m) / zk
-    keep = _keep_topk(ordered_key(z), idx, kth_key, kth_id) & (pk >= pthr)
+    keep = _keep_topk(_key(z), idx, kth_key, kth_id) & (pk >= pthr)
     return tl.where(keep, pk / z2, 0.0)
 
 
@@ -137,14 +144,14 @@ def _topp_in(pk, survivors, top_p, sure):
 def _kth_slow(base, vocab, inv_t, m, k, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     lo = ordered_key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
-    hi = ordered_key(m).to(tl.int64)
+    hi = _key(m).to(tl.int64)
     for _ in range(32):
         mid = lo + (hi - lo + 1) // 2
         cnt = tl.full((), 0, tl.int64)
         for v0 in range(0, vocab, BLOCK):
             idx = v0 + offs
             z = scaled_tile_mul(base, idx, idx < vocab, inv_t)
-            cnt += tl.sum(((ordered_key(z) >= mid) & (idx < vocab)).to(tl.int64), 0)
+            cnt += tl.sum(((_key(z) >= mid) & (idx < vocab)).to(tl.int64), 0)
         ok = cnt >= k
         active = lo < hi
         lo = tl.where(active & ok, mid, lo)
@@ -154,7 +161,7 @@ def _kth_slow(base, vocab, inv_t, m, k, BLOCK: tl.constexpr):
     for v0 in range(0, vocab, BLOCK):
         idx = v0 + offs
         z = scaled_tile_mul(base, idx, idx < vocab, inv_t)
-        greater += tl.sum(((ordered_key(z) > kth_key) & (idx < vocab)).to(tl.int64), 0)
+        greater += tl.sum(((_key(z) > kth_key) & (idx < vocab)).to(tl.int64), 0)
     need = k - greater
     lo = tl.full((), 0, tl.int64)
     hi = (vocab - 1).to(tl.int64)
@@ -164,7 +171,7 @@ def _kth_slow(base, vocab, inv_t, m, k, BLOCK: tl.constexpr):
         for v0 in range(0, vocab, BLOCK):
             idx = v0 + offs
             z = scaled_tile_mul(base, idx, idx < vocab, inv_t)
-            cnt += tl.sum(((ordered_key(z) == kth_key) & (idx <= mid) & (idx < vocab)).to(tl.int64), 0)
+            cnt += tl.sum(((_key(z) == kth_key) & (idx <= mid) & (idx < vocab)).to(tl.int64), 0)
         ok = cnt >= need
         active = lo < hi
         hi = tl.where(active & ok, mid, hi)
@@ -179,7 +186,7 @@ def _topk_mass_slow(base, vocab, inv_t, m, kth_key, kth_id, BLOCK: tl.constexpr)
     for v0 in range(0, vocab, BLOCK):
         idx = v0 + offs
         z = scaled_tile_mul(base, idx, idx < vocab, inv_t)
-        keep = _keep_topk(ordered_key(z), idx, kth_key, kth_id) & (idx < vocab)
+        keep = _keep_topk(_key(z), idx, kth_key, kth_id) & (idx < vocab)
         zk += tl.sum(tl.where(keep, tl.exp(z - m), 0.0), 0)
     return zk
 
@@ -196,7 +203,7 @@ def _topp_slow(base, vocab, inv_t, m, zk, kth_key, kth_id, top_p, BLOCK: tl.cons
         for v0 in range(0, vocab, BLOCK):
             idx = v0 + offs
             z = scaled_tile_mul(base, idx, idx < vocab, inv_t)
-            keep = _keep_topk(ordered_key(z), idx, kth_key, kth_id) & (idx < vocab)
+            keep = _keep_topk(_key(z), idx, kth_key, kth_id) & (idx < vocab)
             pk = tl.where(keep, tl.exp(z - m) / zk, 0.0)
             mass += tl.sum(tl.where(pk > thr, pk, 0.0), 0)
         below = mass < top_p
@@ -208,7 +215,7 @@ def _topp_slow(base, vocab, inv_t, m, zk, kth_key, kth_id, top_p, BLOCK: tl.cons
     for v0 in range(0, vocab, BLOCK):
         idx = v0 + offs
         z = scaled_tile_mul(base, idx, idx < vocab, inv_t)
-        keep = _keep_topk(ordered_key(z), idx, kth_key, kth_id) & (idx < vocab)
+        keep = _keep_topk(_key(z), idx, kth_key, kth_id) & (idx < vocab)
         pk = tl.where(keep, tl.exp(z - m) / zk, 0.0)
         z2 += tl.sum(tl.where(pk >= pthr, pk, 0.0), 0)
     return pthr, z2
@@ -306,7 +313,7 @@ def _row_kernel(
                     sure += tl.sum(tl.where((idx < vocab) & (b < first_bin), tl.exp(z - m) / zk, 0.0), 0)
                     at = n + tl.cumsum(sel.to(tl.int32), 0) - 1
                     # One int64 per candidate: the key in the high half, 2^31 - 1 - id in the low.
-                    comp = (ordered_key(z).to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)
+                    comp = (_key(z).to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)
                     tl.store(cbase + at, comp, mask=sel)
                     n += tl.sum(sel.to(tl.int32), 0)
                 lane = tl.arange(0, CAP)

@@ -31,11 +31,17 @@ def key_to_float(key):
 
 
 @triton.jit
+def no_nan(x):
+    """NaN as -inf: a NaN score or logit (only on the unchecked path) never wins and never poisons a max."""
+    return tl.where(x == x, x, float("-inf"))
+
+
+@triton.jit
 def argmax_update(best, best_idx, scores, v0):
     """Running first-index argmax over tiles starting at v0 (strict > keeps the earlier tile)."""
-    tile_best, tile_idx = tl.max(scores, 0, return_indices=True, return_indices_tie_break_left=True)
+    tile_best, tile_idx = tl.max(no_nan(scores), 0, return_indices=True, return_indices_tie_break_left=True)
     better = tile_best > best
-    return tl.where(better, tile_best, best), tl.where(better, v0 + tile_idx, best_idx)
+    return tl.where(better, tile_best, best), tl.where(better, (v0 + tile_idx).to(best_idx.dtype), best_idx)
 
 
 @triton.jit
@@ -56,13 +62,14 @@ def scaled_tile_mul(base, idx, mask, inv_t):
 @triton.jit
 def online_softmax_update(m, s, amax, z, v0):
     """One tile into the running (max, sum of exp(z - max), first argmax) of a row: a single pass."""
+    z = no_nan(z)
     tile_max, tile_idx = tl.max(z, 0, return_indices=True, return_indices_tie_break_left=True)
     better = tile_max > m
     m_new = tl.maximum(m, tile_max)
     # -inf lanes add nothing; while the max is still -inf (no finite logit yet) the sum stays 0.
     tile_sum = tl.sum(tl.where(z > float("-inf"), tl.exp(z - m_new), 0.0), 0)
     s = tl.where(m_new > float("-inf"), s * tl.exp(m - m_new) + tile_sum, 0.0)
-    return m_new, s, tl.where(better, v0 + tile_idx, amax)
+    return m_new, s, tl.where(better, (v0 + tile_idx).to(amax.dtype), amax)
 
 
 @triton.jit
