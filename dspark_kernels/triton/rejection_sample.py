@@ -229,7 +229,7 @@ def _row_kernel(
     x_ptr, stride_x, num_rows, vocab,
     cu_ptr, stride_cu, num_req,
     temp_ptr, stride_temp, topk_ptr, stride_topk, topp_ptr, stride_topp,
-    stats_f_ptr, stats_i_ptr, cand_ptr,
+    stats_f_ptr, stats_i_ptr, cand_ptr, cand32_ptr,
     HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, LOG_R: tl.constexpr, BLOCK: tl.constexpr,
     CAP: tl.constexpr,
 ):
@@ -312,15 +312,23 @@ def _row_kernel(
                     sel = (idx < vocab) & (b >= first_bin) & (b <= last_bin)
                     sure += tl.sum(tl.where((idx < vocab) & (b < first_bin), tl.exp(z - m) / zk, 0.0), 0)
                     at = n + tl.cumsum(sel.to(tl.int32), 0) - 1
-                    # One int64 per candidate: the key in the high half, 2^31 - 1 - id in the low.
-                    comp = (_key(z).to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)
-                    tl.store(cbase + at, comp, mask=sel)
+                    if on_k:
+                        # One int64 per candidate: the key in the high half, 2^31 - 1 - id in the low.
+                        comp = (_key(z).to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)
+                        tl.store(cbase + at, comp, mask=sel)
+                    else:
+                        # Top-p alone never breaks ties by id: the key alone (4 bytes).
+                        tl.store(cand32_ptr + row * CAP + at, _key(z), mask=sel)
                     n += tl.sum(sel.to(tl.int32), 0)
                 lane = tl.arange(0, CAP)
                 present = lane < n
-                comp = tl.load(cbase + lane, mask=present, other=0)
-                key = (comp >> 32).to(tl.int32)
-                ids = (2147483647 - (comp & 2147483647)).to(tl.int32)
+                if on_k:
+                    comp = tl.load(cbase + lane, mask=present, other=0)
+                    key = (comp >> 32).to(tl.int32)
+                    ids = (2147483647 - (comp & 2147483647)).to(tl.int32)
+                else:
+                    key = tl.load(cand32_ptr + row * CAP + lane, mask=present, other=0)
+                    ids = lane
                 if on_k:
                     kth_key, kth_id = _kth_in(key, ids, present, k)
                 survivors = present & _keep_topk(key, ids, kth_key, kth_id)
@@ -564,7 +572,7 @@ def rejection_sample(a):
         _row_kernel[(num_rows,)](
             logits, logits.stride(0), num_rows, vocab, a.cu_verify, a.cu_verify.stride(0), num_req,
             a.temperature, a.temperature.stride(0), topk, topk.stride(0), topp, topp.stride(0),
-            stats_f, stats_i, cand,
+            stats_f, stats_i, cand, cand.view(torch.int32),
             HAS_TOPK=a.top_k is not None, HAS_TOPP=a.top_p is not None, LOG_R=max(1, num_req.bit_length()),
             BLOCK=BLOCK_V, CAP=CAP, num_warps=8 if filters else 4,
         )
@@ -609,7 +617,7 @@ def _compile_specs():
     row = {"x_ptr": "*bf16", "stride_x": "i64", "num_rows": "i32", "vocab": "i32", "cu_ptr": "*i32",
            "stride_cu": "i64", "num_req": "i32", "temp_ptr": "*fp32", "stride_temp": "i64", "topk_ptr": "*i32",
            "stride_topk": "i64", "topp_ptr": "*fp32", "stride_topp": "i64", "stats_f_ptr": "*fp32",
-           "stats_i_ptr": "*i32", "cand_ptr": "*i64", "HAS_TOPK": "constexpr", "HAS_TOPP": "constexpr",
+           "stats_i_ptr": "*i32", "cand_ptr": "*i64", "cand32_ptr": "*i32", "HAS_TOPK": "constexpr", "HAS_TOPP": "constexpr",
            "LOG_R": "constexpr", "BLOCK": "constexpr", "CAP": "constexpr"}
     race = {"logits_ptr": "*bf16", "stride_l": "i64", "num_rows": "i32", "vocab": "i32", "stats_f_ptr": "*fp32",
             "stats_i_ptr": "*i32", "drafts_ptr": "*i32", "stride_dr": "i64", "stride_dj": "i64",
