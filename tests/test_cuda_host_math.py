@@ -71,8 +71,9 @@ def host_exe(tmp_path_factory):
 
 
 def _reference(op, *args):
-    """The op's reference implementation on its positional arguments, without the op's checks."""
-    return op.OP.run("reference", op.OP.Args(*args))
+    """The op's reference implementation on its leading positional arguments (the rest: their table
+    defaults), without the op's checks."""
+    return op.OP.run("reference", op.OP.Args(*args, *(a.default for a in op.OP.args[len(args):])))
 
 
 def _fmt(t: torch.Tensor) -> str:
