@@ -416,6 +416,23 @@ def _store_partials(out, row_ok, best, arg, zb, m, s, gmax, garg,
 
 
 @triton.jit
+def _logits_tile(e, w, rows64, row_ok, cols64, col_ok, u_ptr, stride_ur, stride_uk, stride_uv, step, logits_ptr,
+                 gamma, vocab, STORE_LOGITS: tl.constexpr, TF32: tl.constexpr):
+    """z = U_k + e·W2ᵀ for one [rows, cols] tile (-inf outside), stored to draft_logits when asked."""
+    if TF32:
+        acc = tl.dot(e, tl.trans(w), input_precision="tf32")
+    else:
+        acc = tl.dot(e, tl.trans(w))
+    ok = row_ok[:, None] & col_ok[None, :]
+    u = tl.load(u_ptr + rows64[:, None] * stride_ur + step * stride_uk + cols64[None, :] * stride_uv, mask=ok,
+                other=0.0).to(tl.float32)
+    z = tl.where(ok, u + acc, float("-inf"))
+    if STORE_LOGITS:
+        tl.store(logits_ptr + (rows64[:, None] * gamma + step) * vocab + cols64[None, :], z, mask=ok)
+    return z, ok
+
+
+@triton.jit
 def _fast_tile_kernel(
     u_ptr, stride_ur, stride_uk, stride_uv, step,
     e_ptr, w2_ptr, stride_w2v, stride_w2k,
@@ -454,16 +471,8 @@ def _fast_tile_kernel(
             cols64 = cols.to(tl.int64)
             w = tl.load(w2_ptr + cols64[:, None] * stride_w2v + ks[None, :] * stride_w2k,
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if TF32:
-                acc = tl.dot(e, tl.trans(w), input_precision="tf32")
-            else:
-                acc = tl.dot(e, tl.trans(w))
-            ok = row_ok[:, None] & col_ok[None, :]
-            u = tl.load(u_ptr + rows64[:, None] * stride_ur + step * stride_uk + cols64[None, :] * stride_uv,
-                        mask=ok, other=0.0).to(tl.float32)
-            z = tl.where(ok, u + acc, float("-inf"))
-            if STORE_LOGITS:
-                tl.store(logits_ptr + (rows64[:, None] * gamma + step) * vocab + cols64[None, :], z, mask=ok)
+            z, ok = _logits_tile(e, w, rows64, row_ok, cols64, col_ok, u_ptr, stride_ur, stride_uk, stride_uv, step,
+                                 logits_ptr, gamma, vocab, STORE_LOGITS, TF32)
             b1, a1, zb1, m1, s1, g1, ga1 = _race_tile(z, ok, inv_t, seed, offset, step, tile_v * BLOCK_V, BLOCK_R,
                                                       BLOCK_V)
             best, arg, zb, m, ssum, gmax, garg = _combine(best, arg, zb, m, ssum, gmax, garg,
@@ -486,16 +495,8 @@ def _fast_tile_kernel(
             rows64 = rows.to(tl.int64)
             e = tl.load(e_ptr + rows64[:, None] * BLOCK_K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            if TF32:
-                acc = tl.dot(e, tl.trans(w), input_precision="tf32")
-            else:
-                acc = tl.dot(e, tl.trans(w))
-            ok = row_ok[:, None] & col_ok[None, :]
-            u = tl.load(u_ptr + rows64[:, None] * stride_ur + step * stride_uk + cols64[None, :] * stride_uv,
-                        mask=ok, other=0.0).to(tl.float32)
-            z = tl.where(ok, u + acc, float("-inf"))
-            if STORE_LOGITS:
-                tl.store(logits_ptr + (rows64[:, None] * gamma + step) * vocab + cols64[None, :], z, mask=ok)
+            z, ok = _logits_tile(e, w, rows64, row_ok, cols64, col_ok, u_ptr, stride_ur, stride_uk, stride_uv, step,
+                                 logits_ptr, gamma, vocab, STORE_LOGITS, TF32)
             _rows_greedy, inv_t = greedy_and_inverse(tl.load(temp_ptr + rows, mask=row_ok, other=1.0))
             seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)
             b1, a1, zb1, m1, s1, g1, ga1 = _race_tile(z, ok, inv_t, seed, offset, step, tile_v * BLOCK_V, BLOCK_R,

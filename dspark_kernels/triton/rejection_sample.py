@@ -38,8 +38,7 @@ import triton.language as tl
 
 from .. import constants as C
 from . import rng
-from .sampling import argmax_update, greedy_and_inverse, key_to_float, online_softmax_update, ordered_key, \
-    scaled_tile_mul, softmax_stats
+from .sampling import argmax_update, greedy_and_inverse, key_to_float, ordered_key, scaled_tile_mul, softmax_stats
 
 # One tile of the vocabulary per loop iteration. 1024 fp32 lanes = 4 KB per
 # tile keeps registers modest for 4 warps and needs 149 tiles at V = 151936.
@@ -251,12 +250,7 @@ def _row_kernel(
         base = x_ptr + row * stride_x
         _greedy, inv_t = greedy_and_inverse(tl.load(temp_ptr + r * stride_temp))
         offs = tl.arange(0, BLOCK)
-        m = tl.full((), float("-inf"), tl.float32)
-        s = tl.full((), 0.0, tl.float32)
-        amax = tl.full((), 0, tl.int32)
-        for v0 in range(0, vocab, BLOCK):
-            idx = v0 + offs
-            m, s, amax = online_softmax_update(m, s, amax, scaled_tile_mul(base, idx, idx < vocab, inv_t), v0)
+        m, s, amax = softmax_stats(base, vocab, inv_t, BLOCK)  # pass 1
 
         kth_key = tl.full((), _INT32_MIN, tl.int32)
         kth_id = tl.full((), _NO_KTH_ID, tl.int32)
