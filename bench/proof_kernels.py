@@ -82,7 +82,7 @@ def markov(head: str, dtype: torch.dtype, exact: bool = True):
         if head == "gated":
             kw.update(gate_weight=_randn(RANK, HID + RANK, g=g, scale=0.2), gate_bias=_randn(RANK, g=g, scale=0.1))
         if head == "rnn":
-            kw.update(rnn_weight=_randn(RANK, 2 * RANK, g=g, scale=0.2), rnn_bias=_randn(RANK, g=g, scale=0.1))
+            kw.update(rnn_weight=_randn(3 * RANK, 2 * RANK + HID, g=g, scale=0.2), rnn_bias=_randn(3 * RANK, g=g, scale=0.1))
         out = dk.markov_draft(*x.values(), **kw, return_draft_probs=True, return_draft_logits=True, exact=exact,
                               backend=backend)
         return tuple(t for t in out if t is not None)

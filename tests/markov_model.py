@@ -42,8 +42,8 @@ class Head:
     w2: torch.Tensor  # [V, r] nn.Linear(r, V).weight
     gate_weight: torch.Tensor | None = None  # [r, d + r]
     gate_bias: torch.Tensor | None = None  # [r]
-    rnn_weight: torch.Tensor | None = None  # [r, 2r]
-    rnn_bias: torch.Tensor | None = None  # [r]
+    rnn_weight: torch.Tensor | None = None  # [3r, 2r + d]: DeepSpec's joint_proj (rows gate, candidate, output)
+    rnn_bias: torch.Tensor | None = None  # [3r]
     conf_weight: torch.Tensor | None = None  # [d + r]
     conf_bias: torch.Tensor | None = None  # [] or [1]
     sts: torch.Tensor | None = None  # [γ]
@@ -58,7 +58,8 @@ class Head:
                     sts_temperature=self.sts)
 
 
-def make_head(kind, V, r, d, gen, *, bias=True, conf=False, conf_bias=True, sts=None, markov_scale=1.0):
+def make_head(kind, V, r, d, gen, *, bias=True, conf=False, conf_bias=True, sts=None, markov_scale=1.0,
+              conf_markov=True):
     """Random head: W2·W1[x] ~ N(0, markov_scale²) per vocab id, gates and the RNN state well inside
     their non-linear range, a confidence logit of order 1."""
     w1 = torch.randn(V, r, generator=gen)
@@ -69,13 +70,15 @@ def make_head(kind, V, r, d, gen, *, bias=True, conf=False, conf_bias=True, sts=
         if bias:
             kw["gate_bias"] = 0.5 * torch.randn(r, generator=gen)
     elif kind == "rnn":
-        kw["rnn_weight"] = 2.0 * torch.randn(r, 2 * r, generator=gen) / math.sqrt(2 * r)
+        kw["rnn_weight"] = 2.0 * torch.randn(3 * r, 2 * r + d, generator=gen) / math.sqrt(2 * r + d)
         if bias:
-            kw["rnn_bias"] = 0.5 * torch.randn(r, generator=gen)
+            kw["rnn_bias"] = 0.5 * torch.randn(3 * r, generator=gen)
     else:
         assert kind == "vanilla"
     if conf:
-        kw["conf_weight"] = torch.randn(d + r, generator=gen) / math.sqrt(d + r)
+        # conf_markov=False: DeepSpec's confidence head without the Markov feature (weight [1, d]).
+        n = d + r if conf_markov else d
+        kw["conf_weight"] = torch.randn(n, generator=gen) / math.sqrt(n)
         if conf_bias:
             kw["conf_bias"] = torch.tensor(0.3)
         if sts is not None:
@@ -84,7 +87,7 @@ def make_head(kind, V, r, d, gen, *, bias=True, conf=False, conf_bias=True, sts=
 
 
 def needs_hidden(head):
-    return head.kind == "gated" or head.conf_weight is not None
+    return head.kind in ("gated", "rnn") or head.conf_weight is not None
 
 
 def f64(t):
@@ -102,19 +105,22 @@ def head_input64(head, emb, h, state):
             pre = pre + f64(head.gate_bias)
         return torch.sigmoid(pre) * emb, state
     if head.kind == "rnn":
+        # DSpark eq. 6 / DeepSpec RNNHead, written out: z = [s; emb; h], [g; c; o] = Wr z + br,
+        # s' = σ(g) s + (1 - σ(g)) tanh(c), e = tanh(o).
         wr = f64(head.rnn_weight)
-        pre = emb @ wr[:, :r].T + state @ wr[:, r:].T
+        pre = state @ wr[:, :r].T + emb @ wr[:, r:2 * r].T + h @ wr[:, 2 * r:].T
         if head.rnn_bias is not None:
             pre = pre + f64(head.rnn_bias)
-        state = torch.tanh(pre)
-        return state, state
+        g, c, o = pre[:, :r], pre[:, r:2 * r], pre[:, 2 * r:]
+        state = torch.sigmoid(g) * state + (1 - torch.sigmoid(g)) * torch.tanh(c)
+        return torch.tanh(o), state
     return emb, state
 
 
 def confidence64(head, emb, h, k):
     cw = f64(head.conf_weight)
-    d = cw.numel() - head.rank
-    logit = h @ cw[:d] + emb @ cw[d:]
+    d = h.shape[-1]
+    logit = h @ cw[:d] + (emb @ cw[d:] if cw.numel() > d else 0.0)  # [d] alone: no Markov feature
     if head.conf_bias is not None:
         logit = logit + float(head.conf_bias.reshape(()))
     if head.sts is not None:
@@ -272,9 +278,9 @@ def small_inputs(kind="gated"):
 
 
 def with_rnn_head(d):
-    """small_inputs with the gate replaced by an RNN head (rnn_weight [r, 2r], rnn_bias [r])."""
+    """small_inputs with the gate replaced by an RNN head (rnn_weight [3r, 2r + d], rnn_bias [3r])."""
     d = dict(d, gate_weight=None, gate_bias=None)
     gen = torch.Generator().manual_seed(62)
-    d["rnn_weight"] = torch.randn(SMALL_RANK, 2 * SMALL_RANK, generator=gen)
-    d["rnn_bias"] = torch.randn(SMALL_RANK, generator=gen)
+    d["rnn_weight"] = torch.randn(3 * SMALL_RANK, 2 * SMALL_RANK + SMALL_D, generator=gen)
+    d["rnn_bias"] = torch.randn(3 * SMALL_RANK, generator=gen)
     return d

@@ -275,6 +275,8 @@ HEAD_CASES = [
     dict(head_kind="gated", bias=False),
     dict(head_kind="rnn", bias=True, conf=True),
     dict(head_kind="rnn", bias=False, conf=True, conf_bias=False, sts=[2.0, 2.0, 0.5, 1.0, 1.0]),
+    dict(head_kind="gated", bias=True, conf=True, conf_markov=False),  # confidence from h_k alone ([d])
+    dict(head_kind="vanilla", bias=True, conf=True, conf_markov=False),
 ]
 
 
@@ -284,6 +286,8 @@ def _head_id(c):
         parts.append("bias" if c["bias"] else "nobias")
     if c.get("conf"):
         parts.append("conf" + ("" if c.get("conf_bias", True) else "-nob") + ("-sts" if "sts" in c else ""))
+    if c.get("conf_markov") is False:
+        parts.append("nomarkov")
     return "-".join(parts)
 
 
@@ -346,7 +350,7 @@ def python_greedy(U, anchor, head, hidden):
     gw = head.gate_weight.double().tolist() if head.gate_weight is not None else None
     gb = head.gate_bias.double().tolist() if head.gate_bias is not None else [0.0] * r
     rw = head.rnn_weight.double().tolist() if head.rnn_weight is not None else None
-    rb = head.rnn_bias.double().tolist() if head.rnn_bias is not None else [0.0] * r
+    rb = head.rnn_bias.double().tolist() if head.rnn_bias is not None else [0.0] * (3 * r)
     out, min_gap = [], math.inf
     for i in range(R):
         prev, state, row = int(anchor[i]), [0.0] * r, []
@@ -357,9 +361,12 @@ def python_greedy(U, anchor, head, hidden):
                 x_in = hk + emb
                 e = [emb[j] / (1.0 + math.exp(-(sum(a * b for a, b in zip(gw[j], x_in)) + gb[j]))) for j in range(r)]
             elif head.kind == "rnn":
-                x_in = emb + state
-                state = [math.tanh(sum(a * b for a, b in zip(rw[j], x_in)) + rb[j]) for j in range(r)]
-                e = state
+                # DeepSpec RNNHead: joint_proj([s; emb; h]) -> gate, candidate, output.
+                x_in = state + emb + hidden[i, k].double().tolist()
+                pre = [sum(a * b for a, b in zip(rw[j], x_in)) + rb[j] for j in range(3 * r)]
+                gate = [1.0 / (1.0 + math.exp(-v)) for v in pre[:r]]
+                state = [gate[j] * state[j] + (1.0 - gate[j]) * math.tanh(pre[r + j]) for j in range(r)]
+                e = [math.tanh(v) for v in pre[2 * r:]]
             else:
                 e = emb
             z = [float(U[i, k, v]) + sum(a * b for a, b in zip(w2[v], e)) for v in range(V)]
@@ -387,7 +394,7 @@ def test_greedy_is_the_deepspec_loop(backend, kind):
     # No near-ties: the best z beats the second best by > MARGIN = 1e-4 at every step (checked),
     # far above the fp32 error of z (<~ 1e-5), so the op's fp32 argmax is the float64 one.
     assert gap > MARGIN, gap
-    out = draft(backend, U, anchor, head, T, seed, 3, hidden=hidden if kind == "gated" else None, probs=True)
+    out = draft(backend, U, anchor, head, T, seed, 3, hidden=hidden if kind != "vanilla" else None, probs=True)
     assert torch.equal(out.tokens, expected)
     assert bool((out.token_probs == 1).all())
     onehot = torch.zeros(R, gamma, V).scatter_(-1, expected.long()[..., None], 1.0)
@@ -395,7 +402,7 @@ def test_greedy_is_the_deepspec_loop(backend, kind):
     # Markov dependence matters: with the bias removed the path changes somewhere.
     plain = U.argmax(-1).to(torch.int32)
     assert not torch.equal(plain, expected)
-    other = draft(backend, U, anchor, head, T, seed * 3 + 1, 2**40, hidden=hidden if kind == "gated" else None)
+    other = draft(backend, U, anchor, head, T, seed * 3 + 1, 2**40, hidden=hidden if kind != "vanilla" else None)
     assert torch.equal(other.tokens, expected)
 
 

@@ -131,7 +131,7 @@ def markov_case(i: int) -> tuple[dict, int]:
         if i % 4 == 1:
             x.update(gate_weight=_nasty(g, (r, d + r)), gate_bias=_nasty(g, (r,)))
     elif i % 4 == 2:
-        x.update(rnn_weight=_nasty(g, (r, 2 * r)), rnn_bias=_nasty(g, (r,)))
+        x.update(hidden=_nasty(g, (R, gamma, d)), rnn_weight=_nasty(g, (3 * r, 2 * r + d)), rnn_bias=_nasty(g, (3 * r,)))
     return x, V
 
 

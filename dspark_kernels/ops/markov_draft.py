@@ -33,6 +33,10 @@ def _check(a, dims):
         raise ValueError(f"base_logits allows at most {rng.MAX_POSITION - 1} draft positions, got {dims['G']}")
     if a.gate_weight is not None and a.rnn_weight is not None:
         raise ValueError("give gate_weight (gated head) or rnn_weight (RNN head), not both")
+    if a.conf_weight is not None and dims["C"] not in (dims["d"], dims["d"] + dims["r"]):
+        raise ValueError(f"conf_weight must have shape (d + r,) = ({dims['d'] + dims['r']},) (the confidence head "
+                         f"reads [h_k; W1[x_(k-1)]]) or (d,) = ({dims['d']},) (without the Markov feature: h_k "
+                         f"alone), got {tuple(a.conf_weight.shape)}")
 
 
 def _values(a):
@@ -83,7 +87,7 @@ OP = Op(
         tensor("seed", "R", INT64),
         scalar_tensor("offset", INT64),
         tensor("hidden", "R, G, d", FLOAT, optional=True),
-        tensor("conf_weight", "d+r", FLOAT, optional=True, requires=(_NEEDS_HIDDEN,)),
+        tensor("conf_weight", "C", FLOAT, optional=True, requires=(_NEEDS_HIDDEN,)),
         scalar_tensor("conf_bias", FLOAT, optional=True,
                       requires=(("conf_weight", "it is the confidence head's bias"),)),
         tensor("sts_temperature", "G", FLOAT64, optional=True,
@@ -91,8 +95,9 @@ OP = Op(
         tensor("gate_weight", "r, d+r", FLOAT, optional=True,
                requires=(("hidden", "the gate reads [h_k; W1[x_{k-1}]]"),)),
         tensor("gate_bias", "r", FLOAT, optional=True, requires=(("gate_weight", "it is the gate's bias"),)),
-        tensor("rnn_weight", "r, 2*r", FLOAT, optional=True),
-        tensor("rnn_bias", "r", FLOAT, optional=True, requires=(("rnn_weight", "it is the RNN cell's bias"),)),
+        tensor("rnn_weight", "3*r, 2*r+d", FLOAT, optional=True,
+               requires=(("hidden", "the RNN cell reads [s_{k-1}; W1[x_{k-1}]; h_k]"),)),
+        tensor("rnn_bias", "3*r", FLOAT, optional=True, requires=(("rnn_weight", "it is the RNN cell's bias"),)),
         value("return_draft_probs", "bool", default=False),
         value("return_draft_logits", "bool", default=False),
         value("exact", "bool", default=False),
@@ -171,24 +176,26 @@ def markov_draft(
 ) -> MarkovDraft:
     """Sample a block of γ draft tokens with the DSpark Markov head.
 
-    Math (x_0 = anchor, k = 1..γ): e_k = W1[x_{k-1}] (vanilla), or
-    σ(Wg·[h_k; W1[x_{k-1}]] + bg) ⊙ W1[x_{k-1}] (gated, gate_weight given), or
-    s_k = tanh(Wr·[W1[x_{k-1}]; s_{k-1}] + br) with s_0 = 0 (RNN, rnn_weight
-    given); z_k = U_k + W2·e_k; x_k ~ softmax(z_k / T) (argmax when T < 1e-5, e.g. 0);
-    p_d(x_k) = softmax(z_k / T)[x_k]; c_k = σ((w·[h_k; W1[x_{k-1}]] + b) / τ_k);
-    a_k = Π_{i<=k} c_i. Sampling is exact (Gumbel-max on the DRAFT Philox
-    stream, position k-1), so the same seed and offset give the same tokens.
+    Math (x_0 = anchor, k = 1..γ, DSpark eq. 4-7 as DeepSpec implements them): the head input is
+    e_k = W1[x_{k-1}] (vanilla); σ(Wg·[h_k; W1[x_{k-1}]] + bg) ⊙ W1[x_{k-1}] (gated, gate_weight
+    given); or, for the RNN head (rnn_weight given, DeepSpec's RNNHead), [g; c; o] =
+    Wr·[s_{k-1}; W1[x_{k-1}]; h_k] + br (rows in that order), s_k = σ(g) ⊙ s_{k-1} + (1 − σ(g)) ⊙
+    tanh(c), e_k = tanh(o), s_0 = 0. Then z_k = U_k + W2·e_k; x_k ~ softmax(z_k / T) (argmax when
+    T < 1e-5, e.g. 0); p_d(x_k) = softmax(z_k / T)[x_k]; c_k = σ((w·[h_k; W1[x_{k-1}]] + b) / τ_k)
+    (w·h_k without the Markov feature: conf_weight [d]); a_k = Π_{i<=k} c_i. Sampling is exact
+    (Gumbel-max on the DRAFT Philox stream, position k-1), so the same seed and offset give the same
+    tokens.
 
     Args:
         base_logits: U [R, γ, V] bf16/fp16/fp32 from the parallel backbone.
         anchor: [R] int32/int64 token ids x_0 in [0, V).
         w1: [V, r] embedding table. w2: [V, r] nn.Linear(r, V).weight.
         temperature: [R] float; T < 1e-5 (e.g. 0) = greedy. seed: [R] int64. offset: [] int64.
-        hidden: [R, γ, d] backbone hidden states (confidence and gated heads).
-        conf_weight: [d + r], conf_bias: [] or [1]: confidence head.
+        hidden: [R, γ, d] backbone hidden states (confidence, gated and RNN heads).
+        conf_weight: [d + r] (or [d] without the Markov feature), conf_bias: [] or [1]: confidence head.
         sts_temperature: [γ] > 0, per-position calibration temperatures.
         gate_weight: [r, d + r], gate_bias: [r]: gated head.
-        rnn_weight: [r, 2r], rnn_bias: [r]: RNN head.
+        rnn_weight: [3r, 2r + d] (DeepSpec's joint_proj.weight, no transpose), rnn_bias: [3r]: RNN head.
         return_draft_probs / return_draft_logits: also return softmax(z_k / T)
             (one-hot for greedy rows) / z_k, [R, γ, V] fp32, for verification.
         exact: bitwise the reference (the Triton backend then runs the head in torch and e·W2ᵀ in fp32

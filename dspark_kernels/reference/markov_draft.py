@@ -61,17 +61,21 @@ def head_input(a, k: int, prev: torch.Tensor, state: torch.Tensor | None):
             x = x + a.gate_bias.float()
         return torch.sigmoid(x) * emb, state, emb
     if a.rnn_weight is not None:
-        x = torch.cat([emb, state], dim=-1) @ a.rnn_weight.float().T
+        x = torch.cat([state, emb, a.hidden[:, k].float()], dim=-1) @ a.rnn_weight.float().T
         if a.rnn_bias is not None:
             x = x + a.rnn_bias.float()
-        state = torch.tanh(x)
-        return state, state, emb
+        g, c, o = x.chunk(3, dim=-1)  # rows of joint_proj: gate, candidate, output
+        gate = torch.sigmoid(g)
+        state = gate * state + (1.0 - gate) * torch.tanh(c)
+        return torch.tanh(o), state, emb
     return emb, state, emb
 
 
 def confidence(a, k: int, emb: torch.Tensor) -> torch.Tensor:
-    """c_k = σ((w·[h_k; W1[x_{k-1}]] + b) / τ_k), [R] fp32."""
-    logit = torch.cat([a.hidden[:, k].float(), emb], dim=-1) @ a.conf_weight.float()
+    """c_k = σ((w·[h_k; W1[x_{k-1}]] + b) / τ_k) (w·h_k when conf_weight has no Markov part), [R] fp32."""
+    h = a.hidden[:, k].float()
+    x = h if a.conf_weight.shape[0] == h.shape[-1] else torch.cat([h, emb], dim=-1)
+    logit = x @ a.conf_weight.float()
     if a.conf_bias is not None:
         logit = logit + a.conf_bias.float().reshape(())
     if a.sts_temperature is not None:

@@ -273,6 +273,30 @@ def _reduce_rows(part_score_ptr, part_arg_ptr, part_zbest_ptr, part_max_ptr, par
 
 
 @triton.jit
+def _rnn_gate(sbase, wbase, hbase, stride_w1k, stride_hd, rw_ptr, stride_rw0, stride_rw1, rb_ptr, which, rank, dim,
+              row_ok, ks, k_ok, HAS_RB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Rows ``which*r .. which*r + r - 1`` of Wr·[s_{k-1}; W1[x]; h_k] + br for BLOCK_R rows: fp32, ieee."""
+    acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+    for c0 in range(0, 2 * rank + dim, BLOCK_D):
+        cs = c0 + tl.arange(0, BLOCK_D)
+        from_s = cs < rank
+        from_w1 = (cs >= rank) & (cs < 2 * rank)
+        from_h = (cs >= 2 * rank) & (cs < 2 * rank + dim)
+        x = tl.load(sbase + cs[None, :], mask=row_ok[:, None] & from_s[None, :], other=0.0)
+        x += tl.load(wbase + (cs - rank)[None, :] * stride_w1k, mask=row_ok[:, None] & from_w1[None, :],
+                     other=0.0).to(tl.float32)
+        x += tl.load(hbase + (cs - 2 * rank)[None, :] * stride_hd, mask=row_ok[:, None] & from_h[None, :],
+                     other=0.0).to(tl.float32)
+        w = tl.load(rw_ptr + (which * rank + ks)[:, None] * stride_rw0 + cs[None, :] * stride_rw1,
+                    mask=k_ok[:, None] & (cs < 2 * rank + dim)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    if HAS_RB:
+        acc += tl.load(rb_ptr + which * rank + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _head_kernel(
     step, num_req, vocab, rank, dim, gamma,
     part_score_ptr, part_arg_ptr, part_zbest_ptr, part_max_ptr, part_sum_ptr, part_gmax_ptr, part_garg_ptr,
@@ -285,8 +309,8 @@ def _head_kernel(
     cw_ptr, cb_ptr, sts_ptr,
     e_ptr, state_ptr,
     HEAD: tl.constexpr, HAS_GB: tl.constexpr, HAS_RB: tl.constexpr, HAS_CONF: tl.constexpr,
-    HAS_CB: tl.constexpr, HAS_STS: tl.constexpr, REDUCE: tl.constexpr, NEXT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_CB: tl.constexpr, HAS_STS: tl.constexpr, CONF_MARKOV: tl.constexpr, REDUCE: tl.constexpr,
+    NEXT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_req
@@ -332,28 +356,29 @@ def _head_kernel(
             if HAS_GB:
                 acc += tl.load(gb_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             e = tl.sigmoid(acc) * emb
-        if HEAD == 2:  # s_k = tanh(Wr·[W1[x]; s_{k-1}] + br), e = s_k
+        if HEAD == 2:  # [g; c; o] = Wr·[s_{k-1}; W1[x]; h_k] + br; s_k = σ(g) s_{k-1} + (1 - σ(g)) tanh(c)
             sbase = state_ptr + rows64[:, None] * BLOCK_K
-            acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
-            for c0 in range(0, 2 * rank, BLOCK_D):
-                cs = c0 + tl.arange(0, BLOCK_D)
-                from_w1 = cs < rank
-                c_ok = cs < 2 * rank
-                x = tl.where(from_w1[None, :],
-                             tl.load(wbase + cs[None, :] * stride_w1k, mask=row_ok[:, None] & from_w1[None, :],
-                                     other=0.0).to(tl.float32),
-                             tl.load(sbase + (cs - rank)[None, :], mask=row_ok[:, None] & ~from_w1[None, :] & c_ok[None, :],
-                                     other=0.0))
-                wr = tl.load(rw_ptr + ks[:, None] * stride_rw0 + cs[None, :] * stride_rw1,
-                             mask=k_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                acc = tl.dot(x, tl.trans(wr), acc, input_precision="ieee")
-            if HAS_RB:
-                acc += tl.load(rb_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            e = tl.where(ok2, _tanh(acc), 0.0)
-            tl.store(sbase + ks[None, :], e, mask=ok2)
+            # One gate at a time (g, then c, then o): one [BLOCK_R, r] accumulator and one weight slice
+            # live. All three at once needed 255 registers and spilled 124 B at sm_90; re-reading the
+            # [BLOCK_R, 2r + d] input three times costs 3 x 16 x 768 x 4 B = 147 KB of L2 reads at
+            # r = 256, d = 256, against 2.4 MB of fp32 weight read once.
+            acc_g = _rnn_gate(sbase, wbase, hbase, stride_w1k, stride_hd, rw_ptr, stride_rw0, stride_rw1, rb_ptr,
+                              0, rank, dim, row_ok, ks, k_ok, HAS_RB, BLOCK_R, BLOCK_K, BLOCK_D)
+            gate = tl.sigmoid(acc_g)
+            acc_c = _rnn_gate(sbase, wbase, hbase, stride_w1k, stride_hd, rw_ptr, stride_rw0, stride_rw1, rb_ptr,
+                              1, rank, dim, row_ok, ks, k_ok, HAS_RB, BLOCK_R, BLOCK_K, BLOCK_D)
+            state = tl.load(sbase + ks[None, :], mask=ok2, other=0.0)
+            state = tl.where(ok2, gate * state + (1.0 - gate) * _tanh(acc_c), 0.0)
+            acc_o = _rnn_gate(sbase, wbase, hbase, stride_w1k, stride_hd, rw_ptr, stride_rw0, stride_rw1, rb_ptr,
+                              2, rank, dim, row_ok, ks, k_ok, HAS_RB, BLOCK_R, BLOCK_K, BLOCK_D)
+            e = tl.where(ok2, _tanh(acc_o), 0.0)  # e_k = tanh(o)
+            tl.debug_barrier()  # every lane has read s_{k-1} above before any writes s_k
+            tl.store(sbase + ks[None, :], state, mask=ok2)
         tl.store(e_ptr + rows64[:, None] * BLOCK_K + ks[None, :], e.to(e_ptr.dtype.element_ty), mask=ok2)
-        if HAS_CONF:  # c_k = σ((w·[h_k; W1[x]] + b) / τ_k)
-            logit = tl.sum(emb * tl.load(cw_ptr + dim + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :], 1)
+        if HAS_CONF:  # c_k = σ((w·[h_k; W1[x]] + b) / τ_k), or w·h_k without the Markov feature
+            logit = tl.zeros((BLOCK_R,), tl.float32)
+            if CONF_MARKOV:
+                logit += tl.sum(emb * tl.load(cw_ptr + dim + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :], 1)
             for d0 in range(0, dim, BLOCK_D):
                 ds = d0 + tl.arange(0, BLOCK_D)
                 d_ok = ds < dim
@@ -557,7 +582,8 @@ def _fast(a) -> tuple:
             e_ws, state_ws,
             HEAD=head, HAS_GB=a.gate_bias is not None, HAS_RB=a.rnn_bias is not None,
             HAS_CONF=a.conf_weight is not None, HAS_CB=a.conf_bias is not None,
-            HAS_STS=a.sts_temperature is not None, REDUCE=reduce, NEXT=nxt,
+            HAS_STS=a.sts_temperature is not None,
+            CONF_MARKOV=a.conf_weight is not None and a.conf_weight.shape[0] == dim + rank, REDUCE=reduce, NEXT=nxt,
             BLOCK_R=HEAD_BLOCK_R, BLOCK_K=block_k, BLOCK_D=16, BLOCK_T=64, num_warps=8,
         )
 
@@ -613,7 +639,8 @@ def _fast_compile_specs():
             "rw_ptr": "*bf16", "stride_rw0": "i64", "stride_rw1": "i64", "rb_ptr": "*bf16",
             "cw_ptr": "*bf16", "cb_ptr": "*bf16", "sts_ptr": "*fp32", "e_ptr": "*bf16", "state_ptr": "*fp32",
             "HEAD": "constexpr", "HAS_GB": "constexpr", "HAS_RB": "constexpr", "HAS_CONF": "constexpr",
-            "HAS_CB": "constexpr", "HAS_STS": "constexpr", "REDUCE": "constexpr", "NEXT": "constexpr",
+            "HAS_CB": "constexpr", "HAS_STS": "constexpr", "CONF_MARKOV": "constexpr", "REDUCE": "constexpr",
+            "NEXT": "constexpr",
             "BLOCK_R": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr", "BLOCK_T": "constexpr"}
     tile = {"u_ptr": "*bf16", "stride_ur": "i64", "stride_uk": "i64", "stride_uv": "i64", "step": "i32",
             "e_ptr": "*bf16", "w2_ptr": "*bf16", "stride_w2v": "i64", "stride_w2k": "i64", "temp_ptr": "*fp32",
@@ -625,8 +652,9 @@ def _fast_compile_specs():
             "BLOCK_K": "constexpr"}
     specs = []
     for kind, flags in ((VANILLA, {}), (GATED, {"HAS_GB": True, "HAS_CONF": True, "HAS_CB": True, "HAS_STS": True}),
-                        (RNN, {"HAS_RB": True})):
+                        (RNN, {"HAS_RB": True, "HAS_CONF": True, "HAS_CB": True, "HAS_STS": True})):
         c = {"HEAD": kind, "HAS_GB": False, "HAS_RB": False, "HAS_CONF": False, "HAS_CB": False, "HAS_STS": False,
+             "CONF_MARKOV": True,
              "REDUCE": True, "NEXT": True, "BLOCK_R": HEAD_BLOCK_R, "BLOCK_K": 256, "BLOCK_D": 16, "BLOCK_T": 64}
         specs.append((_head_kernel, head, {**c, **flags}, {"num_warps": 8}))
     for hold, block_r, block_v, sub in ((True, 64, 64, HOLD_SUB), (False, FAST_BLOCK_R, FAST_BLOCK_V, 1)):
