@@ -104,7 +104,7 @@ setup(
     description="Kernels for DSpark-style speculative decoding: Markov drafting, scheduling, verification",
     packages=find_packages(include=["dspark_kernels", "dspark_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy"],
+    install_requires=["numpy", "safetensors"],
     extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
     ext_modules=[Extension("dspark_kernels._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},

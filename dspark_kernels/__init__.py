@@ -6,6 +6,10 @@ here are the stable Python API, one per entry of the op registry
 (dspark_kernels.ops.OPS), each documented by its docstring. Choose the
 implementation with ``backend=`` or DSPARK_BACKEND: "auto", "reference",
 "triton", "cuda".
+
+A released DeepSpec DSpark checkpoint drafts in two calls:
+``head = dspark_kernels.load_deepspec(path)`` then ``head.draft(U, anchor,
+temperature, seed, offset, hidden=h)`` (dspark_kernels.engine.deepspec).
 """
 
 import importlib as _importlib
@@ -28,6 +32,14 @@ def _export() -> list[str]:
     return names
 
 
+def _export_engine() -> list[str]:
+    """Engine helpers a user reaches in one call (load_deepspec, DraftHead), from their module's ENGINE_EXPORTS."""
+    module = _importlib.import_module(".engine.deepspec", __name__)
+    for name in module.ENGINE_EXPORTS:
+        globals()[name] = getattr(module, name)
+    return list(module.ENGINE_EXPORTS)
+
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
@@ -36,4 +48,5 @@ __all__ = [
     "set_value_checks",
     "value_checks_enabled",
     *_export(),
+    *_export_engine(),
 ]

@@ -1,7 +1,8 @@
 """Command line: ``python -m dspark_kernels <command>``.
 
-    demo   the end-to-end DSpark demo on a synthetic target (dspark_kernels.engine.demo)
-    info   torch / CUDA status and which backends of each op can run here
+    demo              the end-to-end DSpark demo on a synthetic target (dspark_kernels.engine.demo)
+    info              torch / CUDA status and which backends of each op can run here
+    check-checkpoint  load a DeepSpec DSpark checkpoint (dspark_kernels.engine.deepspec) and draft once
 
 ``python -m dspark_kernels`` with no command prints the help and exits 0;
 ``python -m dspark_kernels <command> --help`` describes one command. A new
@@ -67,7 +68,66 @@ def _add_info(sub) -> None:
     p.set_defaults(func=lambda args: info())
 
 
-_COMMANDS = (_add_demo, _add_info)
+def check_checkpoint(args) -> int:
+    """Load args.path with load_deepspec, print what it holds, run one draft step; 2 on a bad checkpoint."""
+    import torch
+
+    from .engine.deepspec import load_deepspec
+
+    try:
+        head = load_deepspec(args.path, config=args.config)
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError; so is a bad STS file
+        print(f"{PROG} check-checkpoint: {args.path}: {exc}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: {head.source}")
+    for line in head.describe():
+        print(line)
+    num_req = args.requests
+    g = torch.Generator().manual_seed(args.seed)
+    base = torch.randn(num_req, head.gamma, head.vocab_size, generator=g) * 2
+    anchor = torch.randint(0, head.vocab_size, (num_req,), generator=g)
+    hidden = torch.randn(num_req, head.gamma, head.hidden_size, generator=g) if head.needs_hidden else None
+    temperature = torch.tensor([0.0] + [args.temperature] * (num_req - 1))
+    out = head.draft(base.to(head.w1.device), anchor.to(head.w1.device), temperature.to(head.w1.device),
+                     torch.arange(num_req, dtype=torch.int64, device=head.w1.device) + args.seed,
+                     torch.tensor(0, dtype=torch.int64, device=head.w1.device),
+                     hidden=None if hidden is None else hidden.to(head.w1.device), backend="reference")
+    print(f"one draft step on random base logits (reference backend, seed {args.seed}):")
+    for row in range(num_req):
+        kind = "greedy" if float(temperature[row]) == 0.0 else f"T={float(temperature[row]):g}"
+        line = f"  request {row} ({kind}, anchor {int(anchor[row])}): tokens {out.tokens[row].tolist()}"
+        if out.survival is not None:
+            line += "  survival [" + ", ".join(f"{float(a):.3f}" for a in out.survival[row]) + "]"
+        print(line)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_check_checkpoint(sub) -> None:
+    p = sub.add_parser(
+        "check-checkpoint", help="load a DeepSpec DSpark checkpoint and run one draft step on random logits",
+        description="Loads a DeepSpec DSpark draft checkpoint with dspark_kernels.engine.deepspec.load_deepspec "
+                    "(a directory with config.json and *.safetensors, or one .safetensors file with --config), "
+                    "prints the head type, each head tensor's shape and dtype, gamma (block_size) and r "
+                    "(markov_rank), whether STS temperatures (sts_temperature.json) were found, and runs one "
+                    "draft step on random base logits with the reference backend, printing the tokens. "
+                    "Exits 2 with a message naming the problem when the checkpoint is bad.")
+    p.add_argument("path", help="checkpoint directory or .safetensors file")
+    p.add_argument("--config", default=None, help="config.json to use (default: the one in / beside PATH)")
+    p.add_argument("--requests", type=_positive_int, default=2,
+                   help="requests drafted (row 0 greedy, the rest sampled)")
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature of the sampled rows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and of the draws")
+    p.set_defaults(func=check_checkpoint)
+
+
+_COMMANDS = (_add_demo, _add_info, _add_check_checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,7 @@
 """STS calibration (DSpark §3.2.1): metrics on hand examples, temperature recovery, plots."""
 
+import inspect
+import json
 import math
 import sys
 
@@ -8,6 +10,8 @@ import torch
 
 import dspark_kernels
 from dspark_kernels.engine.calibration import (
+    DEFAULT_N_BINS,
+    STS_FILENAME,
     STSResult,
     alive_outcomes,
     auroc,
@@ -16,8 +20,12 @@ from dspark_kernels.engine.calibration import (
     default_temperature_grid,
     ece,
     fit_sts,
+    load_sts,
+    observed_lengths,
+    observed_mask,
     reliability_bins,
     reliability_diagram,
+    save_sts,
     survival_from_logits,
 )
 
@@ -312,3 +320,162 @@ def test_reliability_diagram_without_matplotlib_says_how_to_install(fitted, tmp_
     with pytest.raises(ImportError, match="pip install matplotlib"):
         reliability_diagram(res, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+# --------------------------------------------------------------------------- ECE bins, observed positions, storage
+
+
+def test_default_ece_bins_are_deepspecs_20():
+    assert DEFAULT_N_BINS == 20
+    for fn in (ece, calibration_metrics, reliability_bins, fit_sts, reliability_diagram):
+        assert inspect.signature(fn).parameters["n_bins"].default == 20, fn.__name__
+    assert "20" in fit_sts.__doc__ and "20" in ece.__doc__
+    res = fit_sts(torch.zeros(10, 2), torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(0)))
+    assert res.n_bins == 20 and res.reliability_after.count.shape == (2, 20)
+
+
+def _truncated_rounds(kind, num=20000, seed=1234):
+    """Rounds of synthetic_rounds whose scheduler verified only m drafts: the accepted length is min(L, m)."""
+    logits, lengths = synthetic_rounds(num, TRUE_TAUS, seed=seed)
+    gamma = len(TRUE_TAUS)
+    if kind == "random":  # e.g. a per-request max_len
+        proposal = torch.randint(1, gamma + 1, (num,), generator=torch.Generator().manual_seed(seed + 1))
+    else:  # a survival threshold on the uncalibrated head, as a scheduler would do
+        proposal = (survival_from_logits(logits) > 0.85).long().cumprod(1).sum(1).clamp(min=1)
+    assert 0 < float((proposal < gamma).double().mean()) < 1
+    return logits, torch.minimum(lengths, proposal), proposal
+
+
+@pytest.mark.parametrize("kind", ["random", "scheduler"])
+def test_fit_ignores_positions_beyond_the_proposal_length(kind):
+    logits, accepted, proposal = _truncated_rounds(kind)
+    res = fit_sts(logits, accepted, observed_len=proposal)
+    log_err = (res.temperatures.double().log() - torch.tensor(TRUE_TAUS, dtype=torch.float64).log()).abs()
+    assert bool((log_err < 0.12).all()), res.temperatures
+    assert bool((res.after.ece < 0.02).all()), res.after.ece
+    assert res.after.count.tolist() == [int((proposal > k).sum()) for k in range(3)]
+    # Counting the unverified positions as rejected (the full-γ assumption) fits something else.
+    full_gamma = fit_sts(logits, accepted)
+    wrong = (full_gamma.temperatures.double().log() - torch.tensor(TRUE_TAUS, dtype=torch.float64).log()).abs()
+    assert float(wrong.max()) > 0.5, full_gamma.temperatures
+
+
+def test_fit_with_every_position_observed_is_the_default():
+    logits, lengths = synthetic_rounds(3000, (0.7, 1.6, 1.0), seed=4)
+    a = fit_sts(logits, lengths, n_bins=15)
+    b = fit_sts(logits, lengths, observed_len=torch.full((3000,), 3), n_bins=15)
+    assert torch.equal(a.temperatures, b.temperatures)
+    for m, n in ((a.before, b.before), (a.after, b.after)):
+        for field in ("ece", "auroc", "brier", "base_rate", "count"):
+            assert torch.equal(getattr(m, field), getattr(n, field)), field
+
+
+def test_fit_matches_brute_force_on_the_observed_subsets():
+    logits, accepted, proposal = _truncated_rounds("random", num=3000, seed=8)
+    grid = torch.tensor([0.3, 0.5, 0.7, 1.0, 1.3, 2.0, 3.0])
+    res = fit_sts(logits, accepted, observed_len=proposal, grid=grid, n_bins=10)
+    alive = alive_outcomes(accepted, 3)
+    prev = torch.ones(3000, dtype=torch.float64)
+    for k in range(3):
+        rows = proposal > k
+        errors = [ece((prev * torch.sigmoid(logits[:, k].double() / t))[rows], alive[rows, k], n_bins=10)
+                  for t in grid.tolist()]
+        best = min(range(len(errors)), key=lambda i: (errors[i], abs(math.log(grid[i]))))
+        assert float(res.temperatures[k]) == pytest.approx(float(grid[best]))
+        prev = prev * torch.sigmoid(logits[:, k].double() / float(res.temperatures[k]))
+
+
+def test_a_position_nobody_observed_keeps_unit_temperature():
+    logits, lengths = synthetic_rounds(2000, (0.5, 2.0, 1.3), seed=6)
+    observed = torch.full((2000,), 2)
+    res = fit_sts(logits, torch.minimum(lengths, observed), observed_len=observed)
+    assert float(res.temperatures[2]) == 1.0
+    assert res.after.count.tolist() == [2000, 2000, 0]
+    assert math.isnan(float(res.after.ece[2])) and math.isnan(float(res.after.base_rate[2]))
+    assert int(res.reliability_after.count[2].sum()) == 0
+
+
+def test_metrics_over_observed_positions_are_the_subset_metrics():
+    g = torch.Generator().manual_seed(9)
+    survival = torch.rand(400, 3, generator=g, dtype=torch.float64)
+    alive = torch.rand(400, 3, generator=g, dtype=torch.float64) < survival
+    mask = observed_mask(torch.randint(0, 4, (400,), generator=g), 400, 3)
+    m = calibration_metrics(survival, alive, n_bins=10, observed=mask)
+    bins = reliability_bins(survival, alive, n_bins=10, observed=mask)
+    for k in range(3):
+        rows = mask[:, k]
+        assert float(m.ece[k]) == pytest.approx(ece(survival[rows, k], alive[rows, k], n_bins=10), abs=1e-12)
+        assert float(m.auroc[k]) == pytest.approx(auroc(survival[rows, k], alive[rows, k]), abs=1e-12)
+        assert float(m.brier[k]) == pytest.approx(brier(survival[rows, k], alive[rows, k]), abs=1e-12)
+        assert int(m.count[k]) == int(rows.sum()) == int(bins.count[k].sum())
+    with pytest.raises(ValueError):
+        calibration_metrics(survival, alive, observed=mask[:, :2])
+
+
+def test_observed_lengths_cut_after_an_accepted_eos():
+    eos = 2
+    tokens = torch.tensor([[5, 2, 7, 7], [5, 6, 2, 7], [2, 6, 6, 6], [5, 6, 7, 8], [3, 9, 2, 2]])
+    proposal = torch.tensor([4, 4, 3, 2, 4])
+    accepted = torch.tensor([3, 1, 0, 2, 4])
+    # row 0: EOS at 1 accepted -> 2; row 1: EOS at 2 rejected (L = 1) -> 4; row 2: EOS at 0 rejected -> 3;
+    # row 3: no EOS -> its proposal 2; row 4: first accepted EOS at 2 -> 3 (eos ids may be a set).
+    got = observed_lengths(proposal, accepted_len=accepted, draft_tokens=tokens, eos_token_id=eos)
+    assert got.tolist() == [2, 4, 3, 2, 3]
+    assert observed_lengths(proposal, accepted_len=accepted, draft_tokens=tokens,
+                            eos_token_id={eos, 9}).tolist() == [2, 4, 3, 2, 2]
+    assert observed_lengths(proposal).tolist() == proposal.tolist()
+    with pytest.raises(ValueError, match="come together"):
+        observed_lengths(proposal, draft_tokens=tokens)
+    with pytest.raises(ValueError):
+        observed_lengths(torch.tensor([1.0, 2.0]))
+    assert observed_mask(got, 5, 4).sum(1).tolist() == got.tolist()
+
+
+def test_fit_rejects_bad_observed_len():
+    logits = torch.zeros(4, 2)
+    lengths = torch.tensor([0, 1, 2, 2])
+    for bad in (torch.tensor([1, 2, 3, 1]), torch.tensor([1, 2, 2]), torch.tensor([1.0, 2.0, 2.0, 1.0])):
+        with pytest.raises(ValueError, match="observed_len"):
+            fit_sts(logits, lengths, observed_len=bad)
+
+
+def test_reliability_diagram_with_observed_positions(tmp_path):
+    pytest.importorskip("matplotlib")
+    logits, accepted, proposal = _truncated_rounds("random", num=2000)
+    reliability_diagram((logits, accepted), tmp_path / "obs.png", observed_len=proposal,
+                        temperatures=torch.tensor(TRUE_TAUS))
+    _assert_png(tmp_path / "obs.png")
+
+
+def test_save_and_load_sts_round_trip_bit_exactly(fitted, tmp_path):
+    _, _, res = fitted
+    path = save_sts(res, tmp_path, metadata={"dataset": "synthetic"})
+    assert path == tmp_path / STS_FILENAME
+    temps, meta = load_sts(tmp_path)
+    assert temps.dtype == torch.float32 and torch.equal(temps, res.temperatures)
+    assert meta["n_bins"] == res.n_bins == 20 and meta["num_samples"] == 20000 and meta["dataset"] == "synthetic"
+    assert meta["ece_after"] == pytest.approx(res.after.ece.tolist())
+    assert meta["grid"] == {"size": 241, "min": pytest.approx(0.05), "max": pytest.approx(20.0)}
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "dspark_kernels.sts_temperature" and doc["gamma"] == 3
+    # Odd fp32 values survive the decimal round trip too.
+    odd = torch.tensor([0.1, 1 / 3, 2.7182817], dtype=torch.float32)
+    assert torch.equal(load_sts(save_sts(odd, tmp_path / "odd.json"))[0], odd)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(survival_from_logits(x, load_sts(tmp_path / "odd.json")[0]), survival_from_logits(x, odd))
+
+
+def test_load_sts_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    for text, match in (("[1, 2]", "not an STS temperature file"),
+                        ('{"format": "dspark_kernels.sts_temperature", "version": 9}', "version"),
+                        ('{"format": "dspark_kernels.sts_temperature", "version": 1, "gamma": 3, '
+                         '"temperatures": [1.0, 2.0]}', "gamma=3"),
+                        ('{"format": "dspark_kernels.sts_temperature", "version": 1, "gamma": 2, '
+                         '"temperatures": [1.0, -2.0]}', "finite and > 0"),
+                        ("{oops", "cannot read")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_sts(bad)
+    with pytest.raises(ValueError):
+        save_sts(torch.tensor([1.0, 0.0]), tmp_path / "zero.json")

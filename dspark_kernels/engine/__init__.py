@@ -5,6 +5,9 @@
   metrics (ECE, AUROC, Brier, reliability diagrams).
 - ``dspark_kernels.engine.sps_table``: builds the scheduler's SPS table
   (schedule_verify's ``sps``) by timing a verify forward per batch size.
+- ``dspark_kernels.engine.deepspec``: loads a DeepSpec DSpark checkpoint's Markov and
+  confidence heads (``load_deepspec``) and drafts with them (``DraftHead.draft``);
+  ``python -m dspark_kernels check-checkpoint PATH`` checks one.
 - ``dspark_kernels.engine.demo``: the end-to-end demo (``python -m dspark_kernels demo``).
 
 They use the ops only through the public API at ``dspark_kernels.<op>``.
