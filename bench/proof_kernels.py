@@ -28,6 +28,7 @@ if not torch.cuda.is_available():  # before triton is imported: the interpreter 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dspark_kernels as dk  # noqa: E402
+from dspark_kernels.ops import advance as adv_op  # noqa: E402
 from dspark_kernels.ops import markov_draft as md_op  # noqa: E402
 from dspark_kernels.ops import pack_verify as pv_op  # noqa: E402
 from dspark_kernels.ops import philox_uniform as pu_op  # noqa: E402
@@ -119,6 +120,12 @@ def pack(backend):
     return tuple(dk.pack_verify(anchor, tokens, lengths, cu, start, backend=backend))
 
 
+def advance(backend):
+    from dspark_kernels.ops.advance import example
+
+    return tuple(dk.advance(**example(DEVICE), backend=backend))
+
+
 def attention(tree: bool, dtype: torch.dtype):
     from bench import bench_verify_attention as bva
 
@@ -182,6 +189,7 @@ VARIANTS: list[tuple[str, object, Callable, object]] = [  # low: True/False, or 
     ("rejection_sample logits", rs_op, rejection("logits", False), False),
     ("rejection_sample probs top-k/top-p", rs_op, rejection("probs", True), False),
     ("rejection_sample logits top-k/top-p", rs_op, rejection("logits", True), False),
+    ("advance", adv_op, advance, False),
 ]
 
 

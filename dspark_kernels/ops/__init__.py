@@ -10,5 +10,6 @@ OPS = (
     "pack_verify",
     "verify_attention",
     "rejection_sample",
+    "advance",
     "philox_uniform",
 )
