@@ -1,8 +1,10 @@
 """Benchmark dspark_kernels.schedule_verify: eager latency, CUDA-graph replay, floor, goal.
 
 Cases: R in {8, 64, 256, 1024} requests x γ in {5, 7, 16} drafts x mode in
-{causal, async}. survival[R, γ] fp32 is a cumulative product of confidences
-drawn from U(0.6, 1) (history for "async": a second, independent draw), all
+{causal, async, capacity}. survival[R, γ] fp32 is a cumulative product of
+confidences drawn from U(0.6, 1) (history for "async": a second, independent
+draw; "capacity" is async with capacity = verify_capacity(history), computed
+outside the timed call, as an engine computes it two steps ahead), all
 requests active, no per-request cap. The steps-per-second table covers every
 batch up to R·(γ+1) tokens: a target step takes 25 ms up to 512 verify tokens
 and grows linearly beyond (sps[B] = 1 / (0.025 · max(1, B / 512)), sps[0] = 0),
@@ -63,7 +65,7 @@ QUICK_R = [3, 8]
 QUICK_GAMMA = [5]
 SMOKE_R = [3]
 SMOKE_GAMMA = [4]
-MODES = ("causal", "async")
+MODES = ("causal", "async", "capacity")
 # SPS model: flat step time up to the knee, then linear in the verify batch.
 STEP_SECONDS = 0.025
 KNEE_TOKENS = 512
@@ -86,7 +88,7 @@ def sps_table(max_tokens: int, device: torch.device) -> torch.Tensor:
 def make_case(R: int, gamma: int, mode: str, device: torch.device) -> harness.Case:
     bmax = R * (gamma + 1)
     survival_bytes = R * gamma * 4
-    history_bytes = survival_bytes if mode == "async" else 0
+    history_bytes = survival_bytes if mode == "async" else 4 if mode == "capacity" else 0
     sps_bytes = (bmax + 1) * 4
     outputs = R * 4 + (R + 1) * 4 + 4 + 4  # lengths, cu_verify, total, expected
     floor_bytes = survival_bytes + history_bytes + sps_bytes + outputs
@@ -95,10 +97,17 @@ def make_case(R: int, gamma: int, mode: str, device: torch.device) -> harness.Ca
         g = torch.Generator().manual_seed(100 * R + gamma + 7 * MODES.index(mode))
         conf = CONFIDENCE_LOW + (1 - CONFIDENCE_LOW) * torch.rand(R, gamma, generator=g)
         hist = CONFIDENCE_LOW + (1 - CONFIDENCE_LOW) * torch.rand(R, gamma, generator=g)
+        history = torch.cumprod(hist, dim=1).to(device)
+        capacity = None
+        if mode == "capacity":
+            import dspark_kernels as dk
+
+            capacity = dk.verify_capacity(history, sps_table(bmax, device), backend="reference")
         return {
             "survival": torch.cumprod(conf, dim=1).to(device),
             "sps": sps_table(bmax, device),
-            "history": torch.cumprod(hist, dim=1).to(device) if mode == "async" else None,
+            "history": history if mode == "async" else None,
+            "capacity": capacity,
         }
 
     def summarize(out) -> dict:
@@ -129,7 +138,8 @@ def _public_call(backend: str):
     def call(x: dict, backend: str, case: harness.Case):
         import dspark_kernels as dk
 
-        return dk.schedule_verify(x["survival"], x["sps"], mode=case.params["mode"], history=x["history"],
+        mode = "async" if case.params["mode"] == "capacity" else case.params["mode"]
+        return dk.schedule_verify(x["survival"], x["sps"], mode=mode, history=x["history"], capacity=x["capacity"],
                                   backend=backend)
 
     return harness.public_op_provider(OP, backend, call)
@@ -150,7 +160,7 @@ def _compiled_reference(case: harness.Case):
     from dspark_kernels.ops.schedule_verify import OP
 
     fn = harness.compiled(OP.impls.reference)
-    mode = case.params["mode"]
+    mode = "async" if case.params["mode"] == "capacity" else case.params["mode"]
 
     def call(x: dict):
         return fn(OP.record(**x, mode=mode))

@@ -29,6 +29,7 @@ if not torch.cuda.is_available():  # before triton is imported: the interpreter 
 
 import dspark_kernels as dk  # noqa: E402
 from dspark_kernels.ops import advance as adv_op  # noqa: E402
+from dspark_kernels.ops import append_verify_kv as av_op  # noqa: E402
 from dspark_kernels.ops import markov_draft as md_op  # noqa: E402
 from dspark_kernels.ops import pack_verify as pv_op  # noqa: E402
 from dspark_kernels.ops import philox_uniform as pu_op  # noqa: E402
@@ -120,6 +121,48 @@ def pack(backend):
     return tuple(dk.pack_verify(anchor, tokens, lengths, cu, start, backend=backend))
 
 
+def pack_bucket(backend):
+    """pack_verify into a 40-row bucket with a page table of 5-slot pages and a scratch slot."""
+    g = _gen(5)
+    lengths = torch.tensor([GAMMA, 0, 2, GAMMA, 1], dtype=torch.int32, device=DEVICE)
+    cu = torch.zeros(R + 1, dtype=torch.int32, device=DEVICE)
+    cu[1:] = torch.cumsum(lengths + 1, 0)
+    tokens = torch.randint(0, V_ODD, (R, GAMMA), generator=g, device=DEVICE, dtype=torch.int32)
+    anchor = torch.randint(0, V_ODD, (R,), generator=g, device=DEVICE, dtype=torch.int32)
+    start = torch.tensor([5, 0, 17, 100, 9], dtype=torch.int32, device=DEVICE)
+    page_table = torch.randperm(R * 25, generator=g, device=DEVICE).reshape(R, 25).to(torch.int32)
+    return tuple(dk.pack_verify(anchor, tokens, lengths, cu, start, num_rows=40, page_table=page_table, page_size=5,
+                                num_pages=R * 25 + 1, scratch_slot=R * 25 * 5, pad_token=7, backend=backend))
+
+
+def append_kv(backend):
+    """append_verify_kv, bf16 on a GPU, D = 80 (masked head dim), pages of 5, one slot out of range (skipped);
+    distinct slots otherwise, so every backend writes the same cache."""
+    g = _gen(6)
+    rows, heads, dim, pages, page_size = 37, 3, 80, 11, 5
+    key, value = _randn(rows, heads, dim, g=g, dtype=LOW), _randn(rows, heads, dim, g=g, dtype=LOW)
+    slots = torch.randperm(pages * page_size, generator=g, device=DEVICE)[:rows]
+    slots[4] = -1
+    k_cache = torch.zeros(pages, page_size, heads, dim, dtype=LOW, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    dk.append_verify_kv(key, value, k_cache, v_cache, slots, backend=backend)
+    return k_cache, v_cache
+
+
+def attention_bad_metadata(backend):
+    """verify_attention with value checks off (main() turns them off) and metadata an unchecked engine
+    could hand it: a page id past the cache and one negative, a kv_lens past the page table, cu_verify
+    past q's rows (monotone, so every backend covers the same rows and must agree)."""
+    from bench import bench_verify_attention as bva
+
+    x = bva.make_case(3, 37, hq=8, hkv=2, dim=64, page_size=16, dtype=LOW, device=DEVICE, tree=False).make_inputs()
+    x["page_table"][0, 1] = 10**6
+    x["page_table"][2, 0] = -5
+    x["kv_lens"][1] = 10**6
+    x["cu_verify"][-1] += 9
+    return dk.verify_attention(**x, return_lse=True, backend=backend)
+
+
 def advance(backend):
     from dspark_kernels.ops.advance import example
 
@@ -182,8 +225,11 @@ VARIANTS: list[tuple[str, object, Callable, object]] = [  # low: True/False, or 
     ("schedule_verify causal", sv_op, schedule("causal"), False),
     ("schedule_verify async", sv_op, schedule("async"), False),
     ("pack_verify", pv_op, pack, False),
+    ("pack_verify bucket+pages", pv_op, pack_bucket, False),
+    ("append_verify_kv", av_op, append_kv, False),  # a copy: exact in every dtype
     ("verify_attention chain", va_op, attention(False, LOW), LOW != torch.float32),
     ("verify_attention tree+window+softcap", va_op, attention(True, LOW), LOW != torch.float32),
+    ("verify_attention bad metadata (unchecked)", va_op, attention_bad_metadata, LOW != torch.float32),
     ("rejection_sample onehot", rs_op, rejection("onehot", False), False),
     ("rejection_sample probs", rs_op, rejection("probs", False), False),
     ("rejection_sample logits", rs_op, rejection("logits", False), False),

@@ -12,9 +12,11 @@
 // One thread block does everything: the floor of this op is launch latency
 // (R = 512, γ = 8 is 4096 values, 16 KB), so the whole batch lives in one SM
 // and no global workspace or second launch is needed.
-//  1. A (active requests) and num_valid: a block sum over requests.
-//  2. Per candidate lane (blocked arrangement) the 32-bit order image of its
-//     value; a block min/max of the images other than -inf; sort keys =
+//  1. A (active requests): a block sum over requests.
+//  2. Per lane (blocked arrangement) the 32-bit order image of its value
+//     (-inf unless a candidate: value > 0, Alg. 1 line 4); block sums of the
+//     candidates (num_valid of the pass) and a block min/max of the images
+//     other than -inf; sort keys =
 //     rank << idx_bits | lane, rank = image - min (-inf: one rank above the
 //     max). cub::BlockRadixSort sorts only the rank bits (bits [idx_bits,
 //     idx_bits + sort_bits)): it is stable and the lanes are already in
@@ -26,8 +28,9 @@
 //  4. The owner of lane K publishes its key as the threshold, the owner of
 //     lane K - 1 writes expected τ_K; every request counts its keys below the
 //     threshold (lengths), and a block scan of its rows gives cu_verify.
-// Async mode runs step 2-3 twice (history, then survival) through one sort
-// call site.
+// Async mode with history runs step 2-3 twice (history, then survival)
+// through one sort call site; with a capacity tensor it reads K instead of
+// the history pass. Either way K = min(K, num_valid of the survival).
 #include <cub/block/block_radix_sort.cuh>
 #include <cuda_runtime.h>
 
@@ -143,16 +146,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   const uint32_t lane0 = static_cast<uint32_t>(tid) * C::kItems;
   const int64_t num_req = a.num_req;
 
-  // 1. A << 32 | num_valid in one sum: num_valid <= R·γ <= 2^14 never carries.
-  unsigned long long packed = 0;
-  for (int64_t r = tid; r < num_req; r += C::kThreads) {
-    if (sv::is_active(a, r)) packed += (1ull << 32) | static_cast<unsigned long long>(sv::cap_of(a, r));
-  }
-  packed = block_allreduce<C::kWarps>(packed, 0ull, SumOp(), red_u64);
+  // 1. A: a block sum over requests.
+  unsigned long long active_sum = 0;
+  for (int64_t r = tid; r < num_req; r += C::kThreads) active_sum += sv::is_active(a, r) ? 1ull : 0ull;
+  active_sum = block_allreduce<C::kWarps>(active_sum, 0ull, SumOp(), red_u64);
   sv::PathCtx ctx;
   ctx.a = &a;
-  ctx.num_active = static_cast<int64_t>(packed >> 32);
-  ctx.num_valid = static_cast<uint32_t>(packed);
+  ctx.num_active = static_cast<int64_t>(active_sum);
+  ctx.num_valid = 0;
   ctx.a_f = static_cast<float>(ctx.num_active);
   ctx.idx_bits = C::kIdxBits;
   ctx.cap = C::kCap;
@@ -162,26 +163,30 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   uint64_t keys[C::kItems];
   double prefix = 0.0;
   float theta_before = theta0;
-  uint32_t k_adm = 0;
-  // Pass 0 (async only): history order -> K. Pass 1: survival order.
-  for (int pass = a.async_mode ? 0 : 1; pass < 2; ++pass) {
+  const bool given = a.async_mode && a.capacity != nullptr;
+  uint32_t k_adm = given ? sv::given_capacity(a, static_cast<uint32_t>(C::kCap)) : 0u;
+  // Pass 0 (async with history only): history order -> K. Pass 1: survival order.
+  for (int pass = a.async_mode && !given ? 0 : 1; pass < 2; ++pass) {
     const bool hist = pass == 0;
     const void* values = hist ? a.history : a.survival;
     const FloatType dtype = hist ? a.history_dtype : a.survival_dtype;
     const int64_t sr = hist ? a.stride_hr : a.stride_sr;
     const int64_t sj = hist ? a.stride_hj : a.stride_sj;
 
-    // 2. Keys and the bits they differ in (-inf images left out of min/max).
+    // 2. Keys, the candidates, and the bits keys differ in (-inf images left out of min/max).
     unsigned long long mm = 0;  // (max image) << 32 | ~(min image)
+    unsigned long long valid = 0;
 #pragma unroll
     for (int i = 0; i < C::kItems; ++i) {
       const uint32_t h = sv::lane_hi(a, values, dtype, sr, sj, lane0 + i);
       keys[i] = h;
       if (h != sv::kNegInfHi) {
         mm = HalvesMaxOp()(mm, (static_cast<unsigned long long>(h) << 32) | static_cast<uint32_t>(~h));
+        ++valid;
       }
     }
     mm = block_allreduce<C::kWarps>(mm, 0ull, HalvesMaxOp(), red_u64);
+    ctx.num_valid = static_cast<uint32_t>(block_allreduce<C::kWarps>(valid, 0ull, SumOp(), red_u64));
     const sv::KeyMap map = sv::key_map(~static_cast<uint32_t>(mm), static_cast<uint32_t>(mm >> 32));
 #pragma unroll
     for (int i = 0; i < C::kItems; ++i) {
@@ -209,7 +214,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       k_adm = sv::argmax_k(best);
       continue;
     }
-    if (a.async_mode) continue;  // K came from the history pass
+    if (a.async_mode) {
+      k_adm = k_adm < ctx.num_valid ? k_adm : ctx.num_valid;  // K from history or given, at most the candidates
+      continue;
+    }
     // theta of lane0 = the previous thread's last theta (theta_0 for thread 0):
     // each theta_k is computed once, by the lane that owns it.
     const float last = sv::walk(ctx, keys, lane0, prefix, theta0, sv::kNoLane).last_theta;
@@ -281,7 +289,7 @@ cudaError_t schedule_verify_launch(const ScheduleVerifyArgs& a, cudaStream_t str
   if (n > kScheduleMaxCandidates || a.num_req * (a.gamma + 1) >= (int64_t{1} << 31)) {
     return cudaErrorInvalidValue;
   }
-  if (n > 0 && (a.survival == nullptr || (a.async_mode && a.history == nullptr))) {
+  if (n > 0 && (a.survival == nullptr || (a.async_mode && a.history == nullptr && a.capacity == nullptr))) {
     return cudaErrorInvalidValue;
   }
   if (a.lengths == nullptr && a.num_req > 0) return cudaErrorInvalidValue;

@@ -9,20 +9,22 @@
 // block (threads, warps, the radix sort passes and the scans, in the same
 // association order as the device) against the reference op.
 //
-// Semantics: dspark_kernels/reference/schedule_verify.py is the definition;
-// dspark_kernels/triton/schedule_verify.py documents the order keys this file
-// shares with it. Summary, per candidate (r, j), flat index r·γ + j:
-//   order  = value descending, then flat index ascending; invalid candidates
-//            (inactive request or j >= clamp(max_len[r], 0, γ)) count as -inf,
-//            -0 as +0, every NaN above +inf.
+// Semantics: dspark_kernels/reference/schedule_verify.py is the definition.
+// Summary, per position (r, j), flat index r·γ + j:
+//   candidate = active request, j < clamp(max_len[r], 0, γ) and fp32 value
+//            > 0 (Alg. 1 line 4: zeros, negatives and NaN are not); the
+//            others count as -inf and sort last. num_valid = candidates of
+//            the pass (history and survival each have their own).
+//   order  = value descending, then flat index ascending.
 //   tau_k  = fp32(A) + fp32(Σ_{i<k} gain_i), the sum in fp64 (torch's CPU
 //            cumsum of fp32 accumulates in double); gain_i = value of the i-th
 //            candidate for i < num_valid, else 0.
 //   theta_k = tau_k · sps[min(A + k, len(sps) - 1)] in fp32.
 //   causal: K = first lane i whose theta_{i+1} does not rise above theta_i
-//           (lanes >= num_valid never rise); async: K = first argmax of
-//           theta_k, k = 0..num_valid, over the history order (NaN wins, the
-//           first NaN first, as torch.argmax).
+//           (lanes >= num_valid never rise); async: K = min(C, num_valid)
+//           with C = clamp(*capacity, 0, ...) or, from history, the first
+//           argmax of theta_k, k = 0..num_valid_h, over the history's order
+//           (NaN wins, the first NaN first, as torch.argmax).
 //   admitted iff key < key of the K-th candidate; lengths[r] counts them.
 #pragma once
 
@@ -60,6 +62,10 @@ struct ScheduleVerifyArgs {
   int64_t stride_ml = 0;
   const uint8_t* active = nullptr;
   int64_t stride_act = 0;
+
+  // capacity [] int32 or int64 | nullptr: async mode's K given (then history is not read).
+  const void* capacity = nullptr;
+  bool capacity_int64 = false;
 
   int64_t num_req = 0;
   int64_t gamma = 0;
@@ -219,12 +225,20 @@ __host__ __device__ __forceinline__ float hi_value(uint32_t hi) {
   return bits_as_float(mono ^ ((mono >> 31) & 0x7FFFFFFF));
 }
 
-// Image of candidate (r, j) of `values` (survival or history).
+// Image of position (r, j) of `values` (survival or history): a candidate's
+// own, -inf (kNegInfHi) for a non-candidate (its fp32 value not > 0 included).
 __host__ __device__ __forceinline__ uint32_t candidate_hi(const ScheduleVerifyArgs& a, const void* values,
                                                           FloatType dtype, int64_t stride_r,
                                                           int64_t stride_j, int64_t r, int64_t j) {
-  const bool valid = is_active(a, r) && j < cap_of(a, r);
-  return order_hi(load_f32(values, dtype, r * stride_r + j * stride_j), valid);
+  const float v = load_f32(values, dtype, r * stride_r + j * stride_j);
+  return order_hi(v, is_active(a, r) && j < cap_of(a, r) && v > 0.0f);
+}
+
+// The given capacity clamped to [0, cap] (an unchecked one may be any integer).
+__host__ __device__ __forceinline__ uint32_t given_capacity(const ScheduleVerifyArgs& a, uint32_t cap) {
+  const int64_t k = a.capacity_int64 ? *static_cast<const int64_t*>(a.capacity)
+                                     : *static_cast<const int32_t*>(a.capacity);
+  return k < 0 ? 0u : (k > static_cast<int64_t>(cap) ? cap : static_cast<uint32_t>(k));
 }
 
 // Image of lane `lane` of the blocked arrangement: lanes >= n are padding,

@@ -311,12 +311,13 @@ void markov_probs_cuda(const at::Tensor& logits, const at::Tensor& temperature, 
 // strides, every FloatType): the only allocations are the four outputs, so
 // the op is capturable in a CUDA graph. A mode other than "async" runs the
 // causal schedule (Python checks the name); the launcher rejects async
-// without history and batches over kScheduleMaxCandidates.
+// without history or capacity and batches over kScheduleMaxCandidates.
+// Arguments in the order of the Python op table (ops/schedule_verify.py).
 // ---------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> schedule_verify_cuda(
     const at::Tensor& survival, const at::Tensor& sps, c10::string_view mode,
     const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& max_len,
-    const std::optional<at::Tensor>& active) {
+    const std::optional<at::Tensor>& active, const std::optional<at::Tensor>& capacity) {
   // survival [R, γ] with any strides: bounds every candidate index.
   const FloatType survival_dtype = check_reference(survival, 2, "survival", kAnyFloat);
   const bool is_async = mode == "async";
@@ -338,8 +339,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> schedule_verify_cuda(
   a.num_req = num_req;
   a.gamma = gamma;
   a.async_mode = is_async;
-  // history: read like survival, in async mode only.
-  if (is_async && history.has_value()) {
+  // capacity: one int32 / int64 element, in async mode only (then history is not read).
+  if (is_async && capacity.has_value()) {
+    check_device(*capacity, survival, "capacity");
+    TORCH_CHECK(capacity->numel() == 1, "capacity must hold one element, got ", capacity->numel());
+    TORCH_CHECK(capacity->scalar_type() == at::kInt || capacity->scalar_type() == at::kLong,
+                "capacity must be int32 or int64, got ", capacity->scalar_type());
+    a.capacity = capacity->data_ptr();
+    a.capacity_int64 = capacity->scalar_type() == at::kLong;
+  }
+  // history: read like survival, in async mode without capacity only.
+  if (is_async && !capacity.has_value() && history.has_value()) {
     check_device(*history, survival, "history");
     check_shape(*history, survival.sizes(), "history");
     a.history = history->data_ptr();

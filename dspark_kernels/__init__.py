@@ -32,12 +32,20 @@ def _export() -> list[str]:
     return names
 
 
+# Engine modules whose ENGINE_EXPORTS are reached as dspark_kernels.<name>.
+_ENGINE_MODULES = ("deepspec", "capacity", "round")
+
+
 def _export_engine() -> list[str]:
-    """Engine helpers a user reaches in one call (load_deepspec, DraftHead), from their module's ENGINE_EXPORTS."""
-    module = _importlib.import_module(".engine.deepspec", __name__)
-    for name in module.ENGINE_EXPORTS:
-        globals()[name] = getattr(module, name)
-    return list(module.ENGINE_EXPORTS)
+    """Engine helpers a user reaches in one call (load_deepspec, DraftHead, CapacityPipe, DSparkRound), from the
+    ENGINE_EXPORTS of each module in _ENGINE_MODULES."""
+    names = []
+    for stem in _ENGINE_MODULES:
+        module = _importlib.import_module(f".engine.{stem}", __name__)
+        for name in module.ENGINE_EXPORTS:
+            globals()[name] = getattr(module, name)
+            names.append(name)
+    return names
 
 
 __all__ = [

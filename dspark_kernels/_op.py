@@ -16,6 +16,12 @@ this module derives
 - the public call: ``OP(locals())`` from the public function, whose explicit
   signature and docstring are the op's one spec.
 
+An op that writes into some of its tensor arguments marks them
+``tensor(..., mutated=True)``: the schema then declares them ``Tensor(a!)``,
+``Tensor(b!)``, ... (one alias set each, in table order), so that functionalization
+(torch.compile, opcheck) knows what the op writes; such an op usually returns
+``"()"`` and its fake returns None.
+
 Value checks (reading tensor values) are the op's ``values(a)`` and run only
 when dspark_kernels._checks says so for the device (set_value_checks).
 """
@@ -60,18 +66,26 @@ class Arg:
     lo: Any = None  # int / float values: inclusive bounds
     hi: Any = None
     default: Any = None  # the public function's default (record() fills it in)
+    mutated: bool = False  # tensors: the op writes into it (schema Tensor(x!), alias set from the Op)
 
     @property
     def schema(self) -> str:
         return f"{self.kind}{'?' if self.optional else ''} {self.name}"
 
+    def schema_with_alias(self, alias: str | None) -> str:
+        """The schema entry, with ``(alias!)`` after the type when the op writes into this argument."""
+        if alias is None:
+            return self.schema
+        return f"{self.kind}({alias}!){'?' if self.optional else ''} {self.name}"
+
 
 def tensor(name: str, dims: str, dtypes: Sequence[torch.dtype], *, optional: bool = False,
-           requires: tuple = ()) -> Arg:
+           requires: tuple = (), mutated: bool = False) -> Arg:
     """A tensor argument. dims: comma list, one entry per dimension: a symbol (binds on first
-    use, must agree later) or an expression of bound symbols (``R+1``, ``d+r``, ``2*r``)."""
+    use, must agree later) or an expression of bound symbols (``R+1``, ``d+r``, ``2*r``).
+    mutated: the op writes into this tensor in place (declared in the schema)."""
     parts = tuple(p.strip() for p in dims.split(",")) if dims.strip() else ()
-    return Arg(name, "Tensor", optional, tuple(dtypes), parts, tuple(requires))
+    return Arg(name, "Tensor", optional, tuple(dtypes), parts, tuple(requires), mutated=mutated)
 
 
 def scalar_tensor(name: str, dtypes: Sequence[torch.dtype], *, optional: bool = False,
@@ -81,10 +95,12 @@ def scalar_tensor(name: str, dtypes: Sequence[torch.dtype], *, optional: bool = 
 
 
 def value(name: str, kind: str, *, optional: bool = False, choices: tuple = (), lo=None, hi=None,
-          default=None) -> Arg:
-    """A plain int / float / bool / str argument (schema scalar); default: the public function's."""
+          default=None, requires: tuple = ()) -> Arg:
+    """A plain int / float / bool / str argument (schema scalar); default: the public function's.
+    requires: (other argument, why) pairs, as for tensors (checked when this one is not None)."""
     assert kind in ("int", "float", "bool", "str"), kind
-    return Arg(name, kind, optional, choices=tuple(choices), lo=lo, hi=hi, default=default)
+    return Arg(name, kind, optional, choices=tuple(choices), lo=lo, hi=hi, default=default,
+               requires=tuple(requires))
 
 
 class Op:
@@ -119,7 +135,13 @@ class Op:
         self._dim_code = {a.name: tuple(None if _IDENT.match(d) or d.isdigit() else compile(d, a.name, "eval")
                                         for d in a.dims) for a in self.tensors if a.dims is not None}
         self._plan = tuple(self._plan_of(i, spec) for i, spec in enumerate(self.args))
-        self.schema = f"({', '.join(a.schema for a in self.args)}, str backend) -> {returns}"
+        # Arguments the op writes into get one alias set each: Tensor(a!), Tensor(b!), ...
+        mutated = [a.name for a in self.args if a.mutated]
+        assert all(a.kind == "Tensor" for a in self.args if a.mutated), name
+        self.mutated = tuple(mutated)
+        aliases = {n: chr(ord("a") + i) for i, n in enumerate(mutated)}
+        entries = ", ".join(a.schema_with_alias(aliases.get(a.name)) for a in self.args)
+        self.schema = f"({entries}, str backend) -> {returns}"
         qualname = f"dspark::{name}"
         torch.library.define(qualname, self.schema)
         torch.library.impl(qualname, ("cpu", "cuda"), self._kernel)
@@ -128,7 +150,7 @@ class Op:
         kernel_op = kernel_op or (impls.cuda if impls.cuda is not None and ":" not in impls.cuda else None)
         if kernel_op is not None:
             # The CUDA extension's kernel op takes the record's fields in order (csrc/torch_bindings.cpp).
-            torch.library.define(f"dspark::{kernel_op}", f"({', '.join(a.schema for a in self.args)}) -> {returns}")
+            torch.library.define(f"dspark::{kernel_op}", f"({entries}) -> {returns}")
 
     # ------------------------------------------------------------------ records and checks
 

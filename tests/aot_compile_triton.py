@@ -77,8 +77,14 @@ def main(argv=None) -> int:
         if specs is None:
             continue
         for kernel, signature, constexprs, *options in specs():
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
-                                      options=options[0] if options else None)
+            # options may name the arguments that Triton's launcher would specialise as divisible by 16
+            # ("divisible_by_16": aligned pointers, strides / sizes that are multiples of 16), so the
+            # compile sees the same alignment (vector loads) as a launch on such tensors.
+            opts = dict(options[0]) if options else {}
+            aligned = opts.pop("divisible_by_16", ())
+            attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                      target=target, options=opts or None)
             row = {"kernel": f"{info.name}.{kernel.fn.__name__}", "constexprs": constexprs,
                    "num_warps": compiled.metadata.num_warps, "cubin_bytes": len(compiled.asm["cubin"]),
                    "dynamic_smem": compiled.metadata.shared, **resources(compiled.asm["ptx"]),

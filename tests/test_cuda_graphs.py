@@ -412,14 +412,14 @@ def _round_call(inp, const, offset, backend, mode):
     s = dk.schedule_verify(inp["survival"], const["sps"], mode=mode, history=inp.get("history"),
                            max_len=inp["max_len"], active=inp["active"], backend=backend)
     vb = dk.pack_verify(inp["anchor"], inp["draft_tokens"], s.lengths, s.cu_verify, inp["start_pos"],
-                        backend="reference")  # its only implementation (pure torch, capturable)
-    # Static [R·(γ+1), V] target logits; padding rows (id -1) read row 0 and are ignored.
+                        backend="reference")  # pure torch, capturable (backend="triton" is tested beside it)
+    # Static [R·(γ+1), V] target logits; padding rows (pad_token 0) read row 0 and are ignored.
     target_logits = const["target_table"][vb.token_ids.clamp(min=0).long()]
     tokens, n_acc = dk.rejection_sample(
         target_logits, inp["draft_tokens"], inp["draft_probs"], s.lengths, s.cu_verify, inp["temperature"],
         inp["seed"], offset, top_k=inp["top_k"], top_p=inp["top_p"], backend=backend,
     )
-    return (*s, *vb, tokens, n_acc)
+    return (*s, *vb[:3], tokens, n_acc)  # no page table: slot_mapping is empty
 
 
 def _check_verify_round(device, backend, capture: bool, mode: str = "causal", bump: str = "inside",

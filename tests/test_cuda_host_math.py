@@ -420,19 +420,27 @@ def _sv_case(g: torch.Generator, R: int, G: int):
     active = None
     if ri(0, 1):
         active = torch.rand(R, generator=g) < (0.0 if ri(0, 9) == 0 else 0.8)
-    return _sv_encode((surv, sps, mode, hist, max_len, active), transposed=ri(0, 1) == 1)
+    capacity = None
+    if mode == "async" and ri(0, 2) == 0:  # a given K instead of history: any, even out of range (unchecked)
+        k = [ri(0, R * G + 2), ri(-3, 3), 2**40, -(2**40)][ri(0, 3) if ri(0, 3) == 0 else 0]
+        dtype = torch.int64 if ri(0, 1) or abs(k) >= 2**31 else torch.int32
+        capacity, hist = torch.tensor(k, dtype=dtype), None
+    return _sv_encode((surv, sps, mode, hist, max_len, active, capacity), transposed=ri(0, 1) == 1)
 
 
 def _sv_encode(args, transposed=False):
-    """Host program input for reference arguments (survival, sps, mode, history, max_len, active)."""
-    surv, sps, mode, hist, max_len, active = args
+    """Host program input for reference arguments (survival, sps, mode, history, max_len, active[, capacity])."""
+    surv, sps, mode, hist, max_len, active, capacity = (*args, None)[:7]
     R, G = surv.shape
     head = ["SV", str(int(mode == "async")), str(R), str(G), str(int(transposed)), str(_SV_DTYPES[surv.dtype]),
             str(_SV_DTYPES[hist.dtype if hist is not None else surv.dtype]), str(_SV_DTYPES[sps.dtype]),
             str(sps.shape[0]), str(int(max_len is not None)),
-            str(int(max_len is not None and max_len.dtype == torch.int64)), str(int(active is not None))]
+            str(int(max_len is not None and max_len.dtype == torch.int64)), str(int(active is not None)),
+            str(0 if capacity is None else 1 if capacity.dtype == torch.int32 else 2)]
     parts = head + [_sv_bits(surv.t() if transposed else surv)]
-    if mode == "async":
+    if capacity is not None:
+        parts.append(str(int(capacity)))
+    elif mode == "async":
         parts.append(_sv_bits(hist))
     parts.append(_sv_bits(sps))
     if max_len is not None:

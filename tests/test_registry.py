@@ -119,15 +119,18 @@ def test_cuda_backend_on_cpu_names_the_problem():
 
 
 def test_missing_kernel_names_the_op():
+    from dspark_kernels._backend import Implementations
     from dspark_kernels.ops import pack_verify as pv_op
 
-    assert pv_op.IMPLS.triton is None and pv_op.IMPLS.cuda is None
+    assert pv_op.IMPLS.cuda is None
     args = (torch.tensor([1]), torch.tensor([[2]]), torch.tensor([1]), torch.tensor([0, 2], dtype=torch.int32),
             torch.tensor([0]))
-    with pytest.raises(BackendUnavailableError, match="pack_verify has no Triton implementation"):
-        dk.pack_verify(*args, backend="triton")
     with pytest.raises(BackendUnavailableError, match="pack_verify has no CUDA"):
         dk.pack_verify(*args, backend="cuda")
+    # An op without a Triton kernel (pack_verify has one now), as the registry would hold it.
+    bare = Implementations("bare_op", reference=lambda a: None)
+    with pytest.raises(BackendUnavailableError, match="bare_op has no Triton implementation"):
+        bare.resolve("triton", "cpu")
 
 
 def test_triton_on_cpu_requires_interpreter(monkeypatch):

@@ -43,7 +43,8 @@ def sched(survival, sps, backend, **kw):
     dev = lambda t: None if t is None else t.to(DEVICE)
     out = dk.schedule_verify(
         survival.to(DEVICE), sps.to(DEVICE), mode=kw.get("mode", "causal"), history=dev(kw.get("history")),
-        max_len=dev(kw.get("max_len")), active=dev(kw.get("active")), backend=backend,
+        max_len=dev(kw.get("max_len")), active=dev(kw.get("active")), capacity=dev(kw.get("capacity")),
+        backend=backend,
     )
     return dk.Schedule(*(t.cpu() for t in out))
 
@@ -83,23 +84,25 @@ def test_paper_appendix_a(backend):
 AMBIGUOUS_REL = 1e-5
 
 
-def brute_force(surv, sps, mode, hist, max_len, active):
+def brute_force(surv, sps, mode, hist, max_len, active, capacity=None):
     """Returns (lengths, cu_verify, total, expected_tokens, ambiguous, admitted).
 
     surv / hist: R lists of γ floats; sps: list of floats; max_len / active:
-    lists or None. Candidates (r, j), j < min(max_len[r], γ), of active
-    requests, ordered by survival descending, then r, then j.
+    lists or None; capacity: an int (async mode instead of hist) or None.
+    Candidates (r, j), j < min(max_len[r], γ), of active requests with a
+    value > 0 (Alg. 1 line 4), ordered by value descending, then r, then j.
     """
     num_req = len(surv)
     gamma = len(surv[0]) if num_req else 0
     act = [True] * num_req if active is None else list(active)
     cap = [gamma] * num_req if max_len is None else [min(max(int(m), 0), gamma) for m in max_len]
     num_active = sum(1 for a in act if a)
-    cands = [(r, j) for r in range(num_req) if act[r] for j in range(cap[r])]
-    n = len(cands)
+
+    def cands(vals):
+        return [(r, j) for r in range(num_req) if act[r] for j in range(cap[r]) if vals[r][j] > 0]
 
     def order(vals):
-        return sorted(cands, key=lambda rj: (-vals[rj[0]][rj[1]], rj[0], rj[1]))
+        return sorted(cands(vals), key=lambda rj: (-vals[rj[0]][rj[1]], rj[0], rj[1]))
 
     def throughput(vals, ordered):
         tau = float(num_active)
@@ -114,6 +117,7 @@ def brute_force(surv, sps, mode, hist, max_len, active):
 
     ambiguous = False
     current = order(surv)
+    n = len(current)
     if mode == "causal":
         theta = throughput(surv, current)
         k = 0
@@ -123,6 +127,8 @@ def brute_force(surv, sps, mode, hist, max_len, active):
                 k += 1
             else:
                 break
+    elif capacity is not None:
+        k = min(max(int(capacity), 0), n)
     else:
         theta = throughput(hist, order(hist))
         best = theta[0]
@@ -131,6 +137,7 @@ def brute_force(surv, sps, mode, hist, max_len, active):
             if t > best:  # strict: the first maximum wins ties
                 best, k = t, i
         ambiguous |= any(close(t, best) for t in theta)
+        k = min(k, n)
     admitted = current[:k]
     lengths = [0] * num_req
     for r, _ in admitted:
@@ -235,7 +242,8 @@ def check_against_brute_force(backend, surv, sps, mode, hist, max_len, active):
     num_req, gamma = surv.shape
     act = [True] * num_req if active is None else active.tolist()
     cap = [gamma] * num_req if max_len is None else [min(max(int(m), 0), gamma) for m in max_len.tolist()]
-    return len(admitted), sum(c for c, a in zip(cap, act) if a)
+    vals = surv.float()
+    return len(admitted), sum(int((vals[r, :c] > 0).sum()) for r, (c, a) in enumerate(zip(cap, act)) if a)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -261,9 +269,10 @@ def test_matches_brute_force_small(backend, mode):
 
 # Large batches: near its optimum τ·sps is flat to fp32 resolution for smooth
 # curves, so these combinations are chosen to be decisive (exact dyadic ties
-# or jagged curves) while still cutting through the candidate list.
+# or jagged curves) while still cutting through the candidate list (a flat
+# sps admits every candidate in causal mode: zero survivals are none).
 LARGE_COMBOS = {
-    "causal": [("ties", "flat"), ("ties", "step"), ("ties", "random"), ("cumprod", "random")],
+    "causal": [("zeros", "noisy"), ("ones", "random"), ("ties", "noisy"), ("ties", "random")],
     "async": [("ties", "random"), ("cumprod", "random"), ("ties", "step"), ("ones", "random"), ("zeros", "random"),
               ("ties", "flat")],
 }
@@ -305,7 +314,7 @@ def admitted_prefix_check(surv, lengths, max_len, active):
     cap = [gamma] * num_req if max_len is None else [min(max(int(m), 0), gamma) for m in max_len.tolist()]
     vals = surv.float().tolist()
     cands = sorted(
-        ((r, j) for r in range(num_req) if act[r] for j in range(cap[r])),
+        ((r, j) for r in range(num_req) if act[r] for j in range(cap[r]) if vals[r][j] > 0),
         key=lambda rj: (-vals[rj[0]][rj[1]], rj[0], rj[1]),
     )
     taken = cands[: sum(lengths)]
@@ -367,6 +376,99 @@ def test_edge_shapes(backend):
 
 
 # ---------------------------------------------------------------------------
+# 3b. Zero survival is no candidate (Alg. 1 line 4); async with a given capacity.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_survival_is_never_admitted(backend):
+    surv = torch.tensor([[0.9, 0.0], [0.9, 0.8]])
+    rising = torch.arange(7, dtype=torch.float32)  # sps[B] = B: any extra token "pays", a zero gain too
+    # Async, history = survival: K = 3 positive drafts (the zero used to make it 4: [2, 2]).
+    a = sched(surv, rising, backend, mode="async", history=surv)
+    assert a.lengths.tolist() == [1, 2] and a.cu_verify.tolist() == [0, 2, 5]
+    assert float(a.expected_tokens) == pytest.approx(4.6)
+    # Async with a history that has no zero: K = 4, but only 3 current candidates.
+    a = sched(surv, rising, backend, mode="async", history=torch.tensor([[0.9, 0.85], [0.9, 0.8]]))
+    assert a.lengths.tolist() == [1, 2]
+    # Causal: a 0 gain with sps[B+1] > sps[B] raised Θ and was admitted.
+    c = sched(surv, rising, backend)
+    assert c.lengths.tolist() == [1, 2] and int(c.total) == 5
+    # Flat sps: causal admits every positive draft and nothing else.
+    c = sched(torch.tensor([[1.0, 0.5, 0.0], [0.25, 0.0, 0.0]]), torch.ones(9), backend)
+    assert c.lengths.tolist() == [2, 1]
+    # Only zeros: anchors only, in every mode.
+    zeros = torch.zeros(2, 3)
+    for kw in (dict(), dict(mode="async", history=zeros), dict(mode="async", history=torch.ones(2, 3)),
+               dict(mode="async", capacity=torch.tensor(6))):
+        got = sched(zeros, rising.new_ones(9) * torch.arange(9), backend, **kw)
+        assert got.lengths.tolist() == [0, 0] and int(got.total) == 2, kw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_nan_survival_is_no_candidate(backend):
+    """With value checks off NaN survival / history are defined: not candidates (NaN > 0 is false)."""
+    surv = torch.tensor([[0.9, float("nan")], [0.9, 0.8]])
+    rising = torch.arange(7, dtype=torch.float32)
+    dk.set_value_checks(False)
+    try:
+        assert sched(surv, rising, backend).lengths.tolist() == [1, 2]
+        assert sched(surv, rising, backend, mode="async", history=surv).lengths.tolist() == [1, 2]
+    finally:
+        dk.set_value_checks(None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_async_capacity_matches_brute_force(backend):
+    """capacity=K admits the top min(K, candidates) by current survival, for any K (int32 / int64)."""
+    rng = np.random.default_rng(31)
+    for case in range(cases(400, backend)):
+        num_req = int(rng.integers(1, 5 if interpreted(backend) else 9))
+        gamma = int(rng.integers(1, 9 if interpreted(backend) else 17))
+        surv, sps, _, max_len, active = random_case(rng, num_req, gamma)
+        k = int(rng.integers(0, num_req * gamma + 3))
+        capacity = torch.tensor(k, dtype=torch.int32 if case % 2 else torch.int64)
+        lists = lambda t: None if t is None else t.tolist()  # noqa: E731
+        lengths, cu, total, expected, _, _ = brute_force(surv.double().tolist(), sps.double().tolist(), "async",
+                                                         None, lists(max_len), lists(active), capacity=k)
+        got = sched(surv, sps, backend, mode="async", capacity=capacity, max_len=max_len, active=active)
+        assert got.lengths.tolist() == lengths and got.cu_verify.tolist() == cu and int(got.total) == total
+        assert float(got.expected_tokens) == pytest.approx(expected, rel=1e-4, abs=1e-3)
+        assert int(got.total) <= (num_req if active is None else int(active.sum())) + k  # fits A + K rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_history_form_is_the_capacity_form(backend):
+    """mode="async" with history=h equals capacity=verify_capacity(h) (K from the reference), on this
+    backend's schedule_verify (the CUDA kernel's history pass included, on a GPU)."""
+    rng = np.random.default_rng(4242)
+    for case in range(cases(200, backend)):
+        num_req = int(rng.integers(1, 5 if interpreted(backend) else 12))
+        gamma = int(rng.integers(1, 9 if interpreted(backend) else 17))
+        surv, sps, hist, max_len, active = random_case(rng, num_req, gamma)
+        dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+        k = dk.verify_capacity(dev(hist), dev(sps), max_len=dev(max_len), active=dev(active), backend="reference")
+        kw = dict(mode="async", max_len=dev(max_len), active=dev(active), backend=backend)
+        a = dk.schedule_verify(dev(surv), dev(sps), history=dev(hist), **kw)
+        b = dk.schedule_verify(dev(surv), dev(sps), capacity=k, **kw)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), (surv.tolist(), hist.tolist(), int(k))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_capacity_is_clamped(backend):
+    surv = torch.tensor([[0.9, 0.5], [0.8, 0.0]])
+    dk.set_value_checks(False)
+    try:
+        for k, want in ((-5, [0, 0]), (-(2**40), [0, 0]), (2**40, [2, 1]), (2**31 - 1, [2, 1])):
+            dtype = torch.int64 if abs(k) >= 2**31 else torch.int32
+            got = sched(surv, torch.ones(7), backend, mode="async", capacity=torch.tensor(k, dtype=dtype))
+            assert got.lengths.tolist() == want, k
+    finally:
+        dk.set_value_checks(None)
+
+
+# ---------------------------------------------------------------------------
 # 4. Non-anticipation (paper appendix A).
 # ---------------------------------------------------------------------------
 
@@ -381,11 +483,18 @@ def test_async_capacity_depends_only_on_history(backend):
     for trial in range(cases(200, backend)):
         surv = random_survival(rng, num_req, gamma, rng.choice(SURV_KINDS))
         got = sched(surv, sps, backend, mode="async", history=hist)
-        ks.add(int(got.lengths.sum()))
+        # min(K, candidates): the current survival can only lower K, when it has fewer
+        # positive drafts than K (zero survivals are no candidates).
+        n_cur = int((surv.float() > 0).sum())
+        if n_cur >= num_req * gamma // 2:
+            ks.add(int(got.lengths.sum()))
+        else:
+            assert int(got.lengths.sum()) <= n_cur
         assert int(got.total) == num_req + int(got.lengths.sum())
     assert len(ks) == 1, f"capacity K moved with the current survival: {sorted(ks)}"
     k = ks.pop()
-    assert 0 < k < num_req * gamma  # a non-trivial capacity, so the check means something
+    assert 0 < k < num_req * gamma // 2  # a non-trivial capacity, so the check means something
+    assert int(dk.verify_capacity(hist.to(DEVICE), sps.to(DEVICE), backend=backend)) == k
     # The capacity follows history: appendix A rows with the paper's sps.
     surv = torch.tensor([[0.8, 0.16]])
     hi = sched(surv, torch.tensor(PAPER_SPS), backend, mode="async", history=torch.tensor([[0.8, 0.72]]))
@@ -417,7 +526,7 @@ def test_causal_stop_ignores_later_candidates(backend):
         sps[num_req + 1] = num_req / (num_req + top) * float(rng.uniform(0.5, 1.0))
         got = sched(surv, sps, backend)
         assert got.lengths.tolist() == [0] * num_req, (surv.tolist(), sps.tolist())
-        if trial < 40 and num_req * gamma >= 2:
+        if trial < 40 and int((surv > 0).sum()) >= 2:
             greedy = sched(surv, sps, backend, mode="async", history=surv)
             assert int(greedy.lengths.sum()) > 0  # the later values would have mattered
 
@@ -552,11 +661,14 @@ def _opcheck_args(mode, backend):
     hist = torch.tensor([[0.95, 0.5, 0.2], [0.7, 0.6, 0.6], [0.9, 0.9, 0.9]], device=DEVICE)
     max_len = torch.tensor([3, 2, 3], dtype=torch.int32, device=DEVICE)
     active = torch.tensor([True, True, False], device=DEVICE)
-    return (surv, sps, mode, hist if mode == "async" else None, max_len, active, backend)
+    if mode == "capacity":  # async with a given K instead of history
+        return (surv, sps, "async", None, max_len, active, torch.tensor(4, dtype=torch.int32, device=DEVICE),
+                backend)
+    return (surv, sps, mode, hist if mode == "async" else None, max_len, active, None, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["causal", "async"])
+@pytest.mark.parametrize("mode", ["causal", "async", "capacity"])
 def test_opcheck(backend, mode):
     torch.library.opcheck(torch.ops.dspark.schedule_verify.default, _opcheck_args(mode, backend))
 
@@ -593,7 +705,7 @@ def test_compile_fullgraph_matches_eager(backend, mode):
         args = [None if a is None else a.to(DEVICE) for a in _pipeline_inputs(rng, 5, 4, mode)]
         want = step(*args)
         got = compiled(*args)
-        assert len(got) == len(want) == 7
+        assert len(got) == len(want) >= 7  # Schedule (4) + VerifyBatch
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and torch.equal(g, w)
 
@@ -604,7 +716,7 @@ def _needs_real_device(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["causal", "async"])
+@pytest.mark.parametrize("mode", ["causal", "async", "capacity"])
 def test_no_host_sync(backend, mode):
     """CPU proxy for CUDA-graph capture: the implementation (argument checks
     aside, which read values on CPU only) must not read a device value on the

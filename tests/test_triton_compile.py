@@ -20,9 +20,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #   fast default;
 # - verify_attention's fp32-input configurations (tf32 / ieee dots: up to 19 KB of spills at D = 256);
 #   its bf16 / fp16 configurations do not spill. Tuning them is verify_attention's work, not the samplers'.
+# - the scheduler's one-program kernels at 16384 candidates (16 lanes a thread at the 64 registers of
+#   1024 threads: ~600 B, bench/NOTES.md); up to 4096 candidates they must not spill.
 def may_spill(row) -> bool:
     if row["kernel"] in ("markov_draft._step_tile_kernel", "markov_draft._step_reduce_kernel"):
         return True
+    if row["kernel"] in ("schedule_verify._schedule_verify_kernel", "verify_capacity._verify_capacity_kernel"):
+        return row["constexprs"]["BLOCK"] >= 16384 and row["spill_stores"] <= 1024
     return row["kernel"] == "verify_attention._verify_attn_kernel" and \
         row["constexprs"].get("DOT_PRECISION") in ("tf32", "ieee")
 

@@ -173,3 +173,228 @@ def test_fuzz_cases_are_bad_enough():
         bad_cu += int(bool((cu[1:] < cu[:-1]).any() or (cu < 0).any() or (cu > x["target_logits"].shape[0]).any()))
         nan_t += int(torch.isnan(x["temperature"]).any())
     assert bad_ids >= CASES // 2 and bad_cu >= CASES // 3 and nan_t >= CASES // 4
+
+
+# ---------------------------------------------------------------------------
+# The verify batch: pack_verify, append_verify_kv, verify_attention with bad metadata
+# ---------------------------------------------------------------------------
+
+from dspark_kernels.ops import append_verify_kv as av_op  # noqa: E402
+from dspark_kernels.ops import pack_verify as pv_op  # noqa: E402
+from dspark_kernels.ops import verify_attention as va_op  # noqa: E402
+
+PV_BACKENDS = available_backends(pv_op)
+AV_BACKENDS = available_backends(av_op)
+VA_BACKENDS = available_backends(va_op)
+INT32_MAX = 2**31 - 1
+
+
+def _rand(g, lo, hi):
+    return int(torch.randint(lo, hi, (1,), generator=g))
+
+
+def pack_case(i: int) -> dict:
+    """Random pack_verify inputs whose metadata is mostly wrong: lengths outside [0, γ], cu_verify
+    negative / decreasing / past the bucket, start positions negative or past int32, page ids negative
+    or huge, page columns past the table, a bucket smaller than cu_verify[R]."""
+    g = torch.Generator().manual_seed(4000 + i)
+    R, gamma = _rand(g, 0, 5), _rand(g, 0, 4)
+    rows = _rand(g, 0, R * (gamma + 1) + 5)
+    lengths = _bad_ints(g, (R,), 0, gamma + 1).to(torch.int32)
+    if i % 3 == 0:  # offsets consistent with (bad) lengths, in a bucket too small for them
+        cu = torch.zeros(R + 1, dtype=torch.int64)
+        cu[1:] = torch.cumsum(lengths.long().clamp(-3, gamma + 3) + 1, 0)
+        rows = max(0, int(cu[-1]) - 2)
+    else:
+        cu = _bad_ints(g, (R + 1,), 0, rows + 1)
+    start = _bad_ints(g, (R,), 0, 40)
+    if i % 4 == 1 and R:
+        start[0] = 2**40
+    x = dict(anchor=_bad_ints(g, (R,), 0, 1000), tokens=_bad_ints(g, (R, gamma), 0, 1000), lengths=lengths,
+             cu_verify=cu.to(torch.int32 if i % 2 else torch.int64), start_pos=start, num_rows=rows,
+             pad_token=_rand(g, 0, 1000))
+    if i % 5 != 4:
+        page_size, width = _rand(g, 1, 6), _rand(g, 0, 4)
+        num_pages = _rand(g, 1, 7) if i % 3 else None
+        x.update(page_table=_bad_ints(g, (R, width), 0, num_pages or 7).to(torch.int32 if i % 2 else torch.int64),
+                 page_size=page_size, num_pages=num_pages,
+                 scratch_slot=_rand(g, 0, (num_pages or 7) * page_size))
+    return x
+
+
+@pytest.mark.parametrize("i", range(CASES))
+def test_pack_verify_never_leaks(i):
+    """Every backend: the documented unchecked results (positions in [0, 2^31), owners in [-1, R), live
+    tokens from their own request, padding rows exactly (pad_token, 0, -1, scratch_slot), slots inside the
+    cache or the scratch slot), and the same outputs on every backend (clamps are the definition)."""
+    x = pack_case(i)
+    outs = [dk.pack_verify(**{k: to_device(v) for k, v in x.items()}, backend=b) for b in PV_BACKENDS]
+    R, gamma = x["tokens"].shape
+    rows = x["num_rows"]
+    for out in outs:
+        tok, pos, req, slot = (t.cpu().long() for t in out)
+        assert tok.shape == pos.shape == req.shape == (rows,)
+        assert bool(((pos >= 0) & (pos <= INT32_MAX)).all()) and bool(((req >= -1) & (req < R)).all())
+        pad = req < 0
+        assert bool((tok[pad] == x["pad_token"]).all()) and bool((pos[pad] == 0).all())
+        ids = torch.cat([x["anchor"][:, None], x["tokens"]], 1).to(torch.int32).long()
+        for t in (~pad).nonzero()[:, 0].tolist():
+            assert int(tok[t]) in ids[int(req[t])].tolist(), (t, tok[t], ids[int(req[t])])
+        if "page_table" not in x:
+            assert slot.shape == (0,)
+            continue
+        assert slot.shape == (rows,)
+        assert bool((slot[pad] == x["scratch_slot"]).all())
+        bound = (x["num_pages"] or 2**31) * x["page_size"]
+        assert bool(((slot == x["scratch_slot"]) | ((slot >= 0) & (slot < bound))).all()), slot
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize("backend", AV_BACKENDS)
+@pytest.mark.parametrize("i", range(CASES // 2))
+def test_append_verify_kv_never_leaks(backend, i):
+    """Slots -1, P·S, huge and very negative among good ones (duplicates too): a cell no valid slot names
+    keeps its value; a cell some row names holds one of those rows' key / value."""
+    g = torch.Generator().manual_seed(5000 + i)
+    T, P, S, H, D = _rand(g, 0, 9), _rand(g, 0, 4), _rand(g, 1, 6), _rand(g, 1, 4), _rand(g, 1, 20)
+    key, value = torch.randn(T, H, D, generator=g), torch.randn(T, H, D, generator=g)
+    k_cache, v_cache = torch.randn(P, S, H, D, generator=g), torch.randn(P, S, H, D, generator=g)
+    slots = _bad_ints(g, (T,), 0, P * S)
+    k, v = to_device(k_cache.clone()), to_device(v_cache.clone())
+    dk.append_verify_kv(to_device(key), to_device(value), k, v, to_device(slots), backend=backend)
+    k, v = k.cpu(), v.cpu()
+    writers: dict[int, list[int]] = {}
+    for t, s in enumerate(slots.tolist()):
+        if 0 <= s < P * S:
+            writers.setdefault(s, []).append(t)
+    for s in range(P * S):
+        cell = (s // S, s % S)
+        if s not in writers:
+            assert torch.equal(k[cell], k_cache[cell]) and torch.equal(v[cell], v_cache[cell]), s
+        else:
+            assert any(torch.equal(k[cell], key[t]) for t in writers[s]), s
+            assert any(torch.equal(v[cell], value[t]) for t in writers[s]), s
+
+
+def attention_case(i: int) -> dict:
+    """Random verify_attention inputs with bad metadata: page ids outside the cache (or an empty cache),
+    kv_lens negative or past the page table, cu_verify negative / decreasing / past q's rows, garbage
+    tree-mask words; finite q, k and v."""
+    g = torch.Generator().manual_seed(6000 + i)
+    R, T, hkv, group = _rand(g, 1, 4), _rand(g, 0, 10), _rand(g, 1, 3), _rand(g, 1, 3)
+    D, S, P, M = (5, 8, 16)[i % 3], _rand(g, 1, 5), (0 if i % 7 == 3 else _rand(g, 1, 6)), _rand(g, 0, 4)
+    cu = _bad_ints(g, (R + 1,), 0, T + 1)
+    if i % 4 == 0:
+        cu = torch.sort(cu.clamp(0, T)).values  # a valid cu_verify next to bad pages and lengths
+    x = dict(q=torch.randn(T, hkv * group, D, generator=g), k_cache=torch.randn(P, S, hkv, D, generator=g),
+             v_cache=torch.randn(P, S, hkv, D, generator=g),
+             page_table=_bad_ints(g, (R, M), 0, P).to(torch.int32),
+             kv_lens=_bad_ints(g, (R,), 0, M * S + 1).to(torch.int32),
+             cu_verify=cu.to(torch.int32), window=(-1, 3, 1, -1, 6)[i % 5], softcap=(0.0, 2.0)[i % 2],
+             return_lse=True)
+    if i % 3 == 1:
+        x["tree_mask"] = torch.randint(-(2**31), 2**31 - 1, (T, 1 + i % 2), generator=g, dtype=torch.int32)
+    return x
+
+
+def _covered(x) -> tuple[torch.Tensor, bool]:
+    """Rows some request's clamped range [clamp(cu[r], 0, T), clamp(cu[r+1], that, T)) covers, and
+    whether two ranges overlap."""
+    T = x["q"].shape[0]
+    cu = x["cu_verify"].tolist()
+    hits = torch.zeros(T, dtype=torch.int64)
+    for r in range(len(cu) - 1):
+        a = min(max(cu[r], 0), T)
+        hits[a:min(max(cu[r + 1], a), T)] += 1
+    return hits > 0, bool((hits > 1).any())
+
+
+@pytest.mark.parametrize("i", range(CASES))
+def test_verify_attention_never_reads_out_of_bounds(i):
+    """Every backend survives the bad metadata (the Triton interpreter segfaulted on each kind before
+    the kernel clamped it); rows some request covers are finite; where the clamped row ranges do not
+    overlap, the backends agree on them (the clamps are one definition)."""
+    x = attention_case(i)
+    T, hq, D = x["q"].shape
+    covered, overlap = _covered(x)
+    results = {}
+    for backend in VA_BACKENDS:
+        out, lse = dk.verify_attention(**{k: to_device(v) for k, v in x.items()}, backend=backend)
+        out, lse = out.cpu(), lse.cpu()
+        assert out.shape == (T, hq, D) and lse.shape == (T, hq) and lse.dtype == torch.float32
+        assert bool(torch.isfinite(out[covered]).all()) and not bool(lse[covered].isnan().any())
+        results[backend] = (out, lse)
+    ref_out, ref_lse = results["reference"]
+    for backend, (out, lse) in results.items():
+        if not overlap:
+            assert torch.allclose(out[covered], ref_out[covered], atol=1e-5, rtol=1e-5), backend
+            assert torch.equal(lse[covered] == float("-inf"), ref_lse[covered] == float("-inf")), backend
+            fin = torch.isfinite(ref_lse[covered])
+            assert torch.allclose(lse[covered][fin], ref_lse[covered][fin], atol=1e-5, rtol=1e-5), backend
+
+
+def test_verify_batch_fuzz_cases_are_bad_enough():
+    """The generators really produce the inputs the tests claim to survive."""
+    bad_pages = bad_lens = bad_cu = 0
+    for i in range(CASES):
+        x = attention_case(i)
+        P, S, M = x["k_cache"].shape[0], x["k_cache"].shape[1], x["page_table"].shape[1]
+        pt = x["page_table"]
+        bad_pages += int(bool(((pt < 0) | (pt >= P)).any()))
+        bad_lens += int(bool(((x["kv_lens"] < 0) | (x["kv_lens"] > M * S)).any()))
+        cu = x["cu_verify"].long()
+        bad_cu += int(bool((cu[1:] < cu[:-1]).any() or (cu < 0).any() or (cu > x["q"].shape[0]).any()))
+    assert bad_pages >= CASES // 2 and bad_lens >= CASES // 3 and bad_cu >= CASES // 3
+    short_bucket = bad_start = 0
+    for i in range(CASES):
+        x = pack_case(i)
+        cu = x["cu_verify"].long()
+        short_bucket += int(bool(cu.numel() > 1 and int(cu[-1]) > x["num_rows"]))
+        bad_start += int(bool(((x["start_pos"] < 0) | (x["start_pos"] > INT32_MAX - 8)).any()))
+    assert short_bucket >= CASES // 4 and bad_start >= CASES // 4
+
+
+# --- schedule_verify / verify_capacity: NaN, ±inf, values outside [0, 1], any capacity ---
+
+def schedule_case(i: int) -> dict:
+    g = torch.Generator().manual_seed(7000 + i)
+    R, G = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+    surv = _nasty(g, (R, G), scale=0.7)
+    hist = _nasty(g, (R, G), scale=0.7)
+    sps = _nasty(g, (R * (G + 1) + 1,), scale=1.0)
+    return dict(survival=surv, sps=sps, history=hist, max_len=_bad_ints(g, (R,), 0, G + 1),
+                active=torch.rand(R, generator=g) < 0.7,
+                capacity=torch.tensor(int(_bad_ints(g, (1,), 0, R * G + 1)[0]), dtype=torch.int64))
+
+
+@pytest.mark.parametrize("i", range(CASES))
+def test_scheduler_never_leaks(i):
+    """Lengths stay in [0, clamp(max_len, 0, γ)], NaN / non-positive values are never admitted, async
+    fits A + clamp(K, 0, .) rows, and every backend agrees with the reference."""
+    from dspark_kernels.ops import verify_capacity as vc_op
+
+    x = schedule_case(i)
+    R, G = x["survival"].shape
+    caps = x["max_len"].long().clamp(0, G)
+    slots = x["active"][:, None] & (torch.arange(G)[None, :] < caps[:, None])
+    positive = slots & (x["survival"].float() > 0)
+    for mode, extra in (("causal", {}), ("async", {"history": x["history"]}), ("async", {"capacity": x["capacity"]})):
+        want = None
+        for backend in available_backends(vc_op):
+            kw = {k: to_device(v) for k, v in dict(max_len=x["max_len"], active=x["active"], **extra).items()}
+            s = dk.Schedule(*(t.cpu() for t in dk.schedule_verify(to_device(x["survival"]), to_device(x["sps"]),
+                                                                  mode=mode, backend=backend, **kw)))
+            assert bool((s.lengths >= 0).all()) and bool((s.lengths.long() <= caps).all())
+            assert bool((s.lengths.long() <= positive.sum(1)).all())
+            assert int(s.total) == int(s.cu_verify[-1]) == int(x["active"].sum()) + int(s.lengths.sum())
+            if "capacity" in extra:
+                assert int(s.lengths.sum()) <= max(int(x["capacity"]), 0)
+            got = (s.lengths.tolist(), s.cu_verify.tolist(), int(s.total))
+            want = want or got
+            assert got == want, (mode, backend)
+    ks = {b: int(dk.verify_capacity(to_device(x["history"]), to_device(x["sps"]), max_len=to_device(x["max_len"]),
+                                    active=to_device(x["active"]), backend=b)) for b in available_backends(vc_op)}
+    n_hist = int((slots & (x["history"].float() > 0)).sum())
+    assert len(set(ks.values())) == 1 and 0 <= ks["reference"] <= n_hist, ks

@@ -671,6 +671,18 @@ PACK_BAD = [
     ("anchor_shape", dict(anchor=_i32(1, 2, 3)), ValueError, "anchor"),
     ("lengths_shape", dict(lengths=_i32(2)), ValueError, "lengths"),
     ("start_pos_negative", dict(start_pos=_i32(0, -1)), ValueError, "start_pos"),
+    # the static bucket, int32 positions and the page table (the generated cases cover the requires
+    # pairs page_table / page_size / num_pages and the bounds of the int arguments)
+    ("num_rows_below_live_rows", dict(num_rows=3), ValueError, "^num_rows"),  # cu_verify[R] = 4
+    ("start_pos_past_int32", dict(start_pos=_i32(0, 2**31 - 3)), ValueError, r"^start_pos \+ gamma"),  # γ = 3
+    ("page_table_too_narrow", dict(page_table=torch.tensor([[0, 1], [2, 3]]), page_size=4), ValueError,
+     "^page_table has 2 pages"),  # position 9 is in page column 2
+    ("page_id_past_num_pages", dict(page_table=torch.tensor([[0, 1, 2], [3, 4, 5]]), page_size=4, num_pages=5),
+     ValueError, r"^page_table holds page ids outside \[0, 5\)"),
+    ("page_id_negative", dict(page_table=torch.tensor([[-1, 0, 0], [0, 0, 1]]), page_size=4), ValueError,
+     "^page_table holds page ids"),
+    ("scratch_slot_outside_cache", dict(page_table=torch.tensor([[0, 1, 1], [0, 1, 1]]), page_size=4, num_pages=2,
+                                        scratch_slot=8), ValueError, "^scratch_slot"),
 ]
 
 
@@ -682,6 +694,41 @@ def test_pack_verify_bad_input_names_the_argument(kw, exc, match):
 
 def test_pack_verify_table_base_is_valid():
     dk.pack_verify(**PV_GOOD)
+    dk.pack_verify(**PV_GOOD, num_rows=4, page_table=torch.tensor([[0, 1, 2], [3, 4, 5]]), page_size=4, num_pages=6,
+                   scratch_slot=23)
+
+
+# --- append_verify_kv ---------------------------------------------------------
+
+def _append_good():
+    g = torch.Generator().manual_seed(3)
+    return dict(key=torch.randn(4, 2, 8, generator=g), value=torch.randn(4, 2, 8, generator=g),
+                k_cache=torch.zeros(3, 5, 2, 8), v_cache=torch.zeros(3, 5, 2, 8),
+                slot_mapping=torch.tensor([0, 14, 7, 7]))
+
+
+# Dropped as the same change as a generated append_verify_kv case: key float64 (dtype-float64),
+# k_cache [3, 5, 3, 8] (dim2(Hkv)+1), slot_mapping float32 (dtype-float32), slot_mapping [5] (dim0(T)+1).
+APPEND_BAD = [
+    ("key_half", dict(key=lambda d: d["key"].half()), TypeError, "^key has dtype float16 but k_cache has float32"),
+    ("value_bf16", dict(value=lambda d: d["value"].bfloat16()), TypeError, "^value has dtype bfloat16"),
+    ("v_cache_half", dict(v_cache=lambda d: d["v_cache"].half()), TypeError, "^v_cache has dtype float16"),
+    ("page_size_zero", dict(k_cache=lambda d: d["k_cache"][:, :0], v_cache=lambda d: d["v_cache"][:, :0]),
+     ValueError, "^k_cache must have a positive page size"),
+    ("slot_negative", dict(slot_mapping=torch.tensor([0, -1, 7, 7])), ValueError, r"^slot_mapping holds slots outside"),
+    ("slot_past_cache", dict(slot_mapping=torch.tensor([0, 15, 7, 7])), ValueError,
+     r"^slot_mapping holds slots outside \[0, 15\)"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS["append_verify_kv"])
+@pytest.mark.parametrize("kw,exc,match", [b[1:] for b in APPEND_BAD], ids=[b[0] for b in APPEND_BAD])
+def test_append_verify_kv_bad_input_names_the_argument(kw, exc, match, backend, value_checks_on):
+    d = _append_good()
+    call_on_device("append_verify_kv", backend, d)  # the base is valid
+    bad = {k: (kw[k](d) if callable(kw.get(k)) else kw.get(k, v)) for k, v in d.items()}
+    with pytest.raises(exc, match=match):
+        call_on_device("append_verify_kv", backend, bad)
 
 
 # --- philox_uniform -----------------------------------------------------------
@@ -724,3 +771,69 @@ def test_markov_draft_device_mismatch_between_gpus():
 
 # rejection_sample's former test_device_mismatch (seed on the CPU, the rest on CUDA,
 # reference backend) is the generated case rejection_sample-seed-device on a CUDA machine.
+
+
+# --- schedule_verify: capacity, NaN; verify_capacity -------------------------
+
+SCHEDULE_CAPACITY_BAD = [
+    ("history_nan", dict(mode="async", history=torch.tensor([[0.9, float("nan")], [0.7, 0.7]])), ValueError,
+     "history contains NaN"),
+    ("sps_nan", dict(sps=torch.tensor([1.0] * 6 + [float("nan")])), ValueError, "sps contains NaN"),
+    ("survival_nan_async", dict(survival=torch.tensor([[0.9, 0.5], [float("nan"), 0.0]]), mode="async",
+                                capacity=torch.tensor(2)), ValueError, "survival contains NaN"),
+    ("async_history_and_capacity", dict(mode="async", history=SV_SURVIVAL, capacity=torch.tensor(2)), ValueError,
+     "exactly one of history .* and capacity .*got both"),
+    ("async_neither", dict(mode="async"), ValueError, "exactly one of history .* and capacity .*got neither"),
+    ("capacity_in_causal", dict(capacity=torch.tensor(2)), ValueError, "capacity is for mode='async' only"),
+    ("capacity_negative", dict(mode="async", capacity=torch.tensor(-1)), ValueError, "capacity must be >= 0"),
+    ("capacity_float", dict(mode="async", capacity=torch.tensor(2.0)), TypeError, "capacity must have dtype"),
+    ("capacity_two_elements", dict(mode="async", capacity=torch.tensor([2, 3])), ValueError, "capacity must be a 0-d"),
+    ("capacity_list", dict(mode="async", capacity=[2]), TypeError, "capacity must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,match", [b[1:] for b in SCHEDULE_CAPACITY_BAD],
+                         ids=[b[0] for b in SCHEDULE_CAPACITY_BAD])
+def test_schedule_verify_capacity_and_nan_name_the_argument(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        _schedule(**kw)
+
+
+def _capacity(**kw):
+    return dk.verify_capacity(kw.pop("history", SV_SURVIVAL), kw.pop("sps", SV_SPS), **kw)
+
+
+VERIFY_CAPACITY_BAD = [
+    ("history_nan", dict(history=torch.tensor([[0.9, float("nan")], [0.7, 0.7]])), ValueError,
+     "history contains NaN"),
+    ("history_inf", dict(history=torch.tensor([[float("inf"), 0.5], [0.7, 0.7]])), ValueError, "history"),
+    ("history_increasing", dict(history=torch.tensor([[0.5, 0.8], [0.7, 0.7]])), ValueError, "non-increasing"),
+    ("history_above_one", dict(history=torch.tensor([[1.5, 0.5], [0.7, 0.7]])), ValueError, r"history must lie"),
+    ("sps_nan", dict(sps=torch.tensor([1.0] * 6 + [float("nan")])), ValueError, "sps contains NaN"),
+    ("sps_negative", dict(sps=-torch.ones(7)), ValueError, "sps must be non-negative"),
+    ("sps_too_short", dict(sps=torch.ones(6)), ValueError, r"sps must cover .*length >= 7"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,match", [b[1:] for b in VERIFY_CAPACITY_BAD], ids=[b[0] for b in VERIFY_CAPACITY_BAD])
+def test_verify_capacity_bad_input_names_the_argument(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        _capacity(**kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nan_checks_are_on_for_every_backend(backend, value_checks_on):
+    """The NaN checks run before any backend (value checks on); off, the kernels define NaN as no candidate."""
+    if backend not in available_backends(MODULES["verify_capacity"]):
+        pytest.skip(f"{backend} not available here")
+    nan = torch.tensor([[0.9, float("nan")], [0.7, 0.7]])
+    with pytest.raises(ValueError, match="history contains NaN"):
+        dk.verify_capacity(to_device(nan), to_device(SV_SPS), backend=backend)
+    with pytest.raises(ValueError, match="survival contains NaN"):
+        dk.schedule_verify(to_device(nan), to_device(SV_SPS), backend=backend)
+    dk.set_value_checks(False)
+    try:
+        assert int(dk.verify_capacity(to_device(nan), to_device(SV_SPS), backend=backend)) == 3
+        assert dk.schedule_verify(to_device(nan), to_device(SV_SPS), backend=backend).lengths.tolist() == [1, 2]
+    finally:
+        dk.set_value_checks(None)

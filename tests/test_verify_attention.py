@@ -434,8 +434,9 @@ def test_triton_launcher_no_host_sync_static_grid(monkeypatch, tree, kw):
     scalar arguments for two batches of one shape but different lengths, and it
     runs on meta tensors, which have no values at all (the GPU tile config)."""
     shape = dict(hkv=2, group=4, dim=16, page_size=16, tree=tree, max_pages=40, rows=12)
-    a, _ = make_batch([3, 1, 4], [600, 0, 30], seed=1, **shape)
-    b, _ = make_batch([1, 5, 0], [2, 9, 620], seed=2, **shape)
+    # One cache size too (45 pages: 42 + 3 spare and 41 + 4): its page count is a launch argument.
+    a, _ = make_batch([3, 1, 4], [600, 0, 30], seed=1, spare_pages=3, **shape)
+    b, _ = make_batch([1, 5, 0], [2, 9, 620], seed=2, spare_pages=4, **shape)
     a = {k: (v.cpu() if v is not None else None) for k, v in a.items()}
     b = {k: (v.cpu() if v is not None else None) for k, v in b.items()}
     log_a, log_b = _launches(monkeypatch, a, kw), _launches(monkeypatch, b, kw)

@@ -11,7 +11,8 @@
 // Kogge-Stone warp/block scans in the device's association order (fp64 gains,
 // int32 rows), each thread's walk (tau/theta, first non-rise, argmax key),
 // the theta hand-over between threads, the threshold and expected owners, and
-// the per-request length count. What it cannot check: cub's sort itself,
+// the per-request length count, async mode's K from history or a given
+// capacity (clamped, then at most the candidates). What it cannot check: cub's sort itself,
 // shuffles and barriers, shared-memory layout and the launch (GPU only).
 //
 // stdin: cases "SV" followed by the fields main() reads (element values as
@@ -96,30 +97,32 @@ static void emulate(const ScheduleVerifyArgs& a) {
   auto items = [](std::vector<uint64_t>& k, int t) -> const uint64_t (&)[I] {
     return *reinterpret_cast<const uint64_t (*)[I]>(&k[(size_t)t * I]);
   };
-  // 1. A and num_valid.
-  int64_t A = 0, NV = 0;
+  // 1. A.
+  int64_t A = 0;
   for (int64_t r = 0; r < R; ++r)
-    if (is_active(a, r)) { ++A; NV += cap_of(a, r); }
+    if (is_active(a, r)) ++A;
   PathCtx ctx;
-  ctx.a = &a; ctx.num_active = A; ctx.num_valid = (uint32_t)NV; ctx.a_f = (float)A; ctx.idx_bits = IDX; ctx.cap = CAP;
+  ctx.a = &a; ctx.num_active = A; ctx.num_valid = 0; ctx.a_f = (float)A; ctx.idx_bits = IDX; ctx.cap = CAP;
   ctx.map = key_map(1u, 0u);
   const float theta0 = theta_zero(ctx);
 
   std::vector<uint64_t> keys(CAP);
   std::vector<double> prefix(T, 0.0);
   std::vector<float> before(T, theta0);
-  uint32_t k_adm = 0;
-  for (int pass = a.async_mode ? 0 : 1; pass < 2; ++pass) {
+  const bool given = a.async_mode && a.capacity != nullptr;
+  uint32_t k_adm = given ? given_capacity(a, (uint32_t)CAP) : 0u;
+  for (int pass = a.async_mode && !given ? 0 : 1; pass < 2; ++pass) {
     const bool hist = pass == 0;
     const void* values = hist ? a.history : a.survival;
     const FloatType dtype = hist ? a.history_dtype : a.survival_dtype;
     const int64_t sr = hist ? a.stride_hr : a.stride_sr, sj = hist ? a.stride_hj : a.stride_sj;
-    uint32_t lo = 0xFFFFFFFFu, hi = 0;
+    uint32_t lo = 0xFFFFFFFFu, hi = 0, nv = 0;
     for (int l = 0; l < CAP; ++l) {
       const uint32_t h = lane_hi(a, values, dtype, sr, sj, l);
       keys[l] = h;
-      if (h != kNegInfHi) { lo = std::min(lo, h); hi = std::max(hi, h); }
+      if (h != kNegInfHi) { lo = std::min(lo, h); hi = std::max(hi, h); ++nv; }
     }
+    ctx.num_valid = nv;
     const KeyMap map = key_map(lo, hi);
     for (int l = 0; l < CAP; ++l) keys[l] = sort_key((uint32_t)keys[l], map, (uint32_t)l, IDX);
     const int nbits = sort_bits(map);
@@ -136,7 +139,7 @@ static void emulate(const ScheduleVerifyArgs& a) {
       k_adm = argmax_k(best);
       continue;
     }
-    if (a.async_mode) continue;
+    if (a.async_mode) { k_adm = std::min(k_adm, ctx.num_valid); continue; }
     for (int t = 0; t < T; ++t) {
       const float last = walk(ctx, items(keys, t), (uint32_t)(t * I), prefix[t], theta0, kNoLane).last_theta;
       if (t + 1 < T) before[t + 1] = last;
@@ -199,13 +202,22 @@ int main() {
     const bool has_ml = ri() != 0;
     a.max_len_int64 = ri() != 0;
     const bool has_act = ri() != 0;
+    const int has_cap = (int)ri();  // 0: none, 1: int32, 2: int64
     const int64_t R = a.num_req, G = a.gamma;
     const auto surv = read_floats(a.survival_dtype, R, G);
     a.survival = surv.data();
     a.stride_sr = transposed ? 1 : G;
     a.stride_sj = transposed ? R : 1;
     std::vector<unsigned char> hist;
-    if (a.async_mode) {
+    int32_t cap32 = 0;
+    int64_t cap64 = 0;
+    if (has_cap) {
+      cap64 = ri();
+      cap32 = (int32_t)cap64;
+      a.capacity = has_cap == 2 ? (const void*)&cap64 : (const void*)&cap32;
+      a.capacity_int64 = has_cap == 2;
+    }
+    if (a.async_mode && !has_cap) {
       hist = read_floats(a.history_dtype, R, G);
       a.history = hist.data();
       a.stride_hr = G;

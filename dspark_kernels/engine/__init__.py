@@ -8,7 +8,12 @@
 - ``dspark_kernels.engine.deepspec``: loads a DeepSpec DSpark checkpoint's Markov and
   confidence heads (``load_deepspec``) and drafts with them (``DraftHead.draft``);
   ``python -m dspark_kernels check-checkpoint PATH`` checks one.
+- ``dspark_kernels.engine.round``: ``DSparkRound``, the whole round on the device (draft, capacity,
+  schedule, pack, the engine's target, verify, advance) with one CUDA graph per verify bucket;
+  ``dspark_kernels.engine.capacity``: ``CapacityPipe``, the host's lagged copy of the capacity K.
 - ``dspark_kernels.engine.demo``: the end-to-end demo (``python -m dspark_kernels demo``).
+- ``dspark_kernels.engine.simulator``: closed-loop serving simulator driving schedule_verify against
+  step-time and acceptance models (``python -m dspark_kernels simulate --out DIR``).
 
 They use the ops only through the public API at ``dspark_kernels.<op>``.
 Nothing is imported here: import the submodule you need.

@@ -16,13 +16,18 @@ drafted before it), and the Markov head adds a rank-r factorisation of L
 on the previous draft. A confidence head c_k = σ(v·W1[x_{k-1}] + b), fitted
 to the chain's acceptance rates, gives each draft's survival.
 
-Each round: markov_draft -> schedule_verify (how many drafts each request
-verifies, for a synthetic step-time curve) -> pack_verify -> the target's
-verification pass -> rejection_sample. The verification pass is what an engine
-does: q, k, v for every packed verify row (pack_verify's token ids and
-positions), k and v written into a paged KV cache (page size 4, pages handed
-out in a random order), one verify_attention call over all requests' ragged
-blocks, target logits for every verify row. A sequential reference recomputes
+Each round is one DSparkRound step (dspark_kernels.engine.round): markov_draft
+-> verify_capacity / schedule_verify (how many drafts each request verifies,
+for a synthetic step-time curve) -> pack_verify at the round's bucket size ->
+the target's verification pass -> rejection_sample -> advance. The
+verification pass is what an engine does: q, k, v for every packed verify row
+(pack_verify's token ids and positions), k and v appended to a paged KV cache
+(append_verify_kv at pack_verify's slot mapping; page size 4, pages handed out
+in a random order, padding rows to a scratch slot), one verify_attention call
+over all requests' ragged blocks, target logits for every verify row. The
+target's step time is charged for the rows it processes: the bucket, padding
+included, which only the "async" policy shrinks (its batch size is known on
+the host two rounds ahead, as a graph-replaying engine needs). A sequential reference recomputes
 the same rows one token at a time with plain dense attention over the token
 history, and the demo checks that the two agree. With the head on, more
 drafts are accepted; the scheduler trades verify tokens for throughput when
@@ -41,7 +46,9 @@ from typing import NamedTuple
 import torch
 
 # The ops through the package's public API, as an engine would call them.
-from dspark_kernels import markov_draft, pack_verify, rejection_sample, schedule_verify, verify_attention
+from dspark_kernels import append_verify_kv, verify_attention
+
+from .round import DSparkRound
 
 # Batched (paged, verify_attention) and sequential (dense) target logits are
 # both fp32 and differ only in summation order: logits are O(10), attention
@@ -179,15 +186,18 @@ class AttentionLayer:
 class PagedKVCache:
     """K/V of every request in pages of page_size slots; each request owns
     ceil(max_len / page_size) pages, handed out in a random order so that a
-    paging bug shows. Unused slots hold finite garbage, as in an engine."""
+    paging bug shows, and a scratch slot on a page nobody owns takes the
+    padding rows' keys. Unused slots hold finite garbage, as in an engine."""
 
     def __init__(self, requests: int, max_len: int, kv_heads: int, head_dim: int, generator: torch.Generator,
                  page_size: int = PAGE_SIZE):
         per_request = math.ceil(max_len / page_size)
         num_pages = requests * per_request + 3  # a few pages nobody owns
         self.page_size = page_size
-        order = torch.randperm(num_pages, generator=generator)[: requests * per_request]
-        self.page_table = order.reshape(requests, per_request).to(torch.int32)
+        order = torch.randperm(num_pages, generator=generator)
+        self.page_table = order[: requests * per_request].reshape(requests, per_request).to(torch.int32)
+        # Padding rows of a verify batch write here: slot 0 of a page no request owns.
+        self.scratch_slot = int(order[-1]) * page_size
         self.k = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=generator)
         self.v = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=generator)
 
@@ -242,24 +252,22 @@ class SyntheticTarget:
         g = torch.Generator().manual_seed(seed + 7)
         return PagedKVCache(requests, max_len, self.layer.kv_heads, self.layer.head_dim, g)
 
-    def verify_logits(self, batch, cu_verify: torch.Tensor, start_pos: torch.Tensor, cache: PagedKVCache,
+    def verify_logits(self, batch, cu_verify: torch.Tensor, kv_lens: torch.Tensor, cache: PagedKVCache,
                       backend: str | None = None) -> torch.Tensor:
-        """The verification pass: target logits [R·(γ+1), V] for the packed rows.
+        """The verification pass, as an engine's target forward: logits [rows, V] for the packed rows.
 
-        Row t (< cu_verify[R]) is the prediction after token_ids[t] at
-        positions[t]; the verify tokens' k/v go into the paged cache first, then
-        one verify_attention call covers every request's chain block. Padding
-        rows come out as L[0] and are never read.
+        Row t is the prediction after token_ids[t] at positions[t]. The rows'
+        keys and values go into the paged cache with append_verify_kv at
+        pack_verify's slot_mapping (padding rows: the scratch slot), then one
+        verify_attention call over kv_lens[r] = committed keys + the block
+        covers every request's chain block. Padding rows (token 0, position 0)
+        come out finite and are never read.
         """
-        live = torch.arange(batch.token_ids.numel()) < cu_verify[-1]
-        tokens = batch.token_ids.long().clamp_min(0)
-        positions = batch.positions.long().clamp_min(0)
-        q, k, v = self.layer.project(tokens, positions)
-        cache.write(batch.row_request[live].long(), positions[live], k[live], v[live])
-        kv_lens = start_pos + (cu_verify[1:] - cu_verify[:-1])
-        out = verify_attention(q, cache.k, cache.v, cache.page_table, kv_lens.to(torch.int32), cu_verify,
+        q, k, v = self.layer.project(batch.token_ids.long(), batch.positions.long())
+        append_verify_kv(k, v, cache.k, cache.v, batch.slot_mapping, backend=backend)
+        out = verify_attention(q, cache.k, cache.v, cache.page_table, kv_lens, cu_verify,
                                window=self.layer.window, backend=backend)
-        return self.logits[tokens] + self.layer.readout(out)
+        return self.logits[batch.token_ids.long()] + self.layer.readout(out)
 
     def sequential_logits(self, history: torch.Tensor, anchor: torch.Tensor, drafts: torch.Tensor,
                           lengths: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
@@ -317,12 +325,13 @@ def step_time(batch: torch.Tensor, load: str) -> torch.Tensor:
 class RunResult(NamedTuple):
     accepted: list  # mean accepted drafts per request, per round
     counts: torch.Tensor  # [V, V] int64 observed transitions (prev, next)
-    verified: list  # verify tokens per request, per round
-    times: list  # synthetic step time per round, ms
+    verified: list  # verify tokens per request, per round (rows used / R)
+    times: list  # synthetic step time per round, ms, of the rows the target processed (the bucket)
     expected: torch.Tensor  # [V, V] fp64, Σ p_i of the emitted tokens per previous token
     outer: torch.Tensor  # [V, V, V] fp64, Σ p_i p_iᵀ likewise (see transition_test)
     max_logit_diff: float  # max |verify pass - sequential reference| over all verify rows
     rows_checked: int  # verify rows compared
+    rows: list  # verify batch the target processed per round: DSparkRound's bucket (padding included)
 
     def lossless_test(self):
         return transition_test(self.counts, expected=self.expected, outer=self.outer)
@@ -331,81 +340,93 @@ class RunResult(NamedTuple):
 def run(rounds: int, requests: int, gamma: int, vocab: int, rank: int, temperature: float,
         seed: int, markov_head: bool, backend: str | None, target: SyntheticTarget,
         policy: str = "fixed", load: str = "light") -> RunResult:
-    """Run the draft -> schedule -> verify loop.
+    """Run DSpark rounds with DSparkRound (draft -> schedule -> pack -> verify -> sample -> advance).
 
     policy: "fixed" verifies every draft; "causal" / "async" let
-    schedule_verify pick per-request lengths for the `load` step-time curve.
+    schedule_verify pick per-request lengths for the `load` step-time curve;
+    "async" also shrinks the verify batch the target processes (the bucket,
+    known on the host two rounds ahead). After each round the demo checks
+    the target's logits for every verify row against a sequential recompute
+    and records the emitted transitions with their exact conditionals.
     """
+    # The demo's tensors are tiny: one intra-op thread avoids OpenMP spin-waits that cost 10x the work
+    # on a loaded 2-core machine (0.66 s vs 7.7 s for 60 rounds at R = 12, measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(rounds, requests, gamma, vocab, rank, temperature, seed, markov_head, backend, target, policy,
+                    load)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(rounds, requests, gamma, vocab, rank, temperature, seed, markov_head, backend, target, policy, load):
     g = torch.Generator().manual_seed(seed + 1)
-    anchor = torch.randint(0, vocab, (requests,), generator=g)
-    seeds = torch.arange(requests, dtype=torch.int64) + 1000 * seed
-    temp = torch.full((requests,), temperature)
-    hidden = torch.zeros(requests, gamma, 1)
-    start_pos = torch.zeros(requests, dtype=torch.int32)
+    anchor0 = torch.randint(0, vocab, (requests,), generator=g)
     sps = 1.0 / step_time(torch.arange(requests * (gamma + 1) + 1), load).float()
     w2 = target.w2 if markov_head else torch.zeros_like(target.w2)
-    max_len = rounds * (gamma + 1)  # a round advances a request by at most γ + 1 positions
+    # A round advances a request by at most γ + 1 positions; one spare round keeps advance's
+    # max_positions rule (the next block must fit) from finishing a request inside the run.
+    max_len = (rounds + 1) * (gamma + 1)
     cache = target.new_cache(requests, max_len, seed)
+    hidden = torch.zeros(requests, gamma, 1)
+
+    def drafter(state):
+        base = target.marginal_logits(state.anchor.long(), gamma)
+        # The head carries the previous-token signal; keep only a weak position
+        # prior from the backbone so the two are not double-counted.
+        return (0.25 * base if markov_head else base), hidden
+
+    def verify(batch, cu_verify, kv_lens, state):
+        return target.verify_logits(batch, cu_verify, kv_lens, cache, backend=backend)
+
+    head = dict(w1=target.w1, w2=w2, conf_weight=target.conf_weight, conf_bias=target.conf_bias)
+    engine = DSparkRound(num_requests=requests, gamma=gamma, vocab_size=vocab, head=head, drafter=drafter,
+                         target=verify, sps=sps, page_table=cache.page_table, page_size=cache.page_size,
+                         scratch_slot=cache.scratch_slot, policy=policy, draft_mode="probs", backend=backend)
+    for r in range(requests):
+        engine.set_request(r, anchor=int(anchor0[r]), start_pos=0, temperature=temperature, seed=1000 * seed + r)
     history = torch.full((requests, max_len), -1, dtype=torch.int64)
     counts = torch.zeros(vocab, vocab, dtype=torch.int64)
     expected = torch.zeros(vocab, vocab, dtype=torch.float64)
     outer = torch.zeros(vocab, vocab, vocab, dtype=torch.float64)
     local = torch.arange(gamma + 1)
-    accepted, verified, times, survivals = [], [], [], []
+    accepted, verified, times, rows = [], [], [], []
     max_diff, rows_checked = 0.0, 0
-    for step in range(rounds):
-        offset = torch.tensor(step, dtype=torch.int64)
-        base = target.marginal_logits(anchor, gamma)
-        if markov_head:
-            # The head carries the previous-token signal; keep only a weak
-            # position prior from the backbone so the two are not double-counted.
-            base = 0.25 * base
-        draft = markov_draft(base, anchor, target.w1, w2, temp, seeds, offset, hidden=hidden,
-                             conf_weight=target.conf_weight, conf_bias=target.conf_bias,
-                             return_draft_probs=True, backend=backend)
-        if policy == "fixed":
-            lengths = torch.full((requests,), gamma, dtype=torch.int32)
-            cu = torch.arange(requests + 1, dtype=torch.int32) * (gamma + 1)
-        else:
-            # async plans with the survival of two rounds earlier (paper §5.2).
-            past = survivals[-2] if len(survivals) >= 2 else draft.survival
-            plan = schedule_verify(draft.survival, sps, mode=policy, history=past, backend=backend)
-            lengths, cu = plan.lengths, plan.cu_verify
-        survivals.append(draft.survival)
-        batch = pack_verify(anchor, draft.tokens, lengths, cu, start_pos, backend=backend)
-        target_logits = target.verify_logits(batch, cu, start_pos, cache, backend=backend)
-        reference = target.sequential_logits(history, anchor, draft.tokens, lengths, start_pos)  # [R, γ+1, V]
-        total = int(cu[-1])
-        row_req = batch.row_request[:total].long()
+    for _ in range(rounds):
+        anchor, start_pos = engine.state.anchor.clone(), engine.state.start_pos.clone()
+        out = engine.step()
+        reference = target.sequential_logits(history, anchor, out.draft_tokens, out.lengths, start_pos)
+        cu = out.cu_verify
+        total = int(out.total)
+        row_req = torch.repeat_interleave(torch.arange(requests), (cu[1:] - cu[:-1]).long())
         row_j = torch.arange(total) - cu[:-1].long()[row_req]
-        diff = (target_logits[:total] - reference[row_req, row_j]).abs()
+        diff = (out.target_logits[:total] - reference[row_req, row_j]).abs()
         worst = float(diff.max()) if total else 0.0
         max_diff = max(max_diff, worst if math.isfinite(worst) else math.inf)  # NaN must not pass
         rows_checked += total
-        tokens, n_acc = rejection_sample(target_logits, draft.tokens, draft.draft_probs, lengths, cu,
-                                         temp, seeds, offset, backend=backend)
         # Emitted tokens: j = 0..n_acc of each request, token j predicted after
         # prev_j (the anchor, then the accepted drafts) by row j of the target,
         # whose exact conditional we take from the sequential reference (so the
         # chi-square judges the verify pass too, not only the sampler).
-        emit = local[None, :] <= n_acc.long()[:, None]  # [R, γ+1]
-        prev = torch.cat([anchor[:, None].long(), tokens[:, :gamma].long()], dim=1)[emit]
-        nxt = tokens.long()[emit]
+        emit = local[None, :] < out.num_emitted.long()[:, None]  # [R, γ+1]
+        prev = torch.cat([anchor[:, None].long(), out.tokens[:, :gamma].long()], dim=1)[emit]
+        nxt = out.tokens.long()[emit]
         counts.index_put_((prev, nxt), torch.ones_like(nxt), accumulate=True)
         p = torch.softmax(reference[emit].double() / temperature, dim=-1)  # [emitted, V]
         expected.index_add_(0, prev, p)
         outer.index_add_(0, prev, p[:, :, None] * p[:, None, :])
-        accepted.append(float(n_acc.float().mean()))
-        verified.append(float(cu[-1]) / requests)
-        times.append(float(step_time(cu[-1], load)))
-        anchor = tokens.gather(1, n_acc.long()[:, None])[:, 0].long()
-        start_pos = start_pos + n_acc + 1
-    return RunResult(accepted, counts, verified, times, expected, outer, max_diff, rows_checked)
+        accepted.append(float(out.num_accepted.float().mean()))
+        verified.append(total / requests)
+        rows.append(out.rows)
+        times.append(float(step_time(torch.tensor(out.rows), load)))
+    return RunResult(accepted, counts, verified, times, expected, outer, max_diff, rows_checked, rows)
 
 
 DESCRIPTION = (
-    "Runs DSpark rounds (markov_draft -> schedule_verify -> pack_verify -> verify_attention over a paged "
-    "KV cache -> rejection_sample) on a synthetic target, with the Markov head on and off and under three "
+    "Runs DSpark rounds with DSparkRound (markov_draft -> verify_capacity/schedule_verify -> pack_verify at a "
+    "bucket size -> append_verify_kv + verify_attention over a paged KV cache -> rejection_sample -> advance) "
+    "on a synthetic target, with the Markov head on and off and under three "
     "scheduling policies; checks that the output follows the target exactly (chi-square) and that the "
     "batched verify pass matches a sequential recompute. Exits 1 if a check fails. One to two minutes on "
     "a CPU with the defaults."
@@ -470,16 +491,18 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  verify_attention pass vs sequential dense recompute: max |Δ logit| = {res.max_logit_diff:.2e} "
               f"over {res.rows_checked} verify rows -> {'PASS' if good else 'FAIL'}")
 
-    print("\nConfidence-scheduled verification (Markov head on): per round and request")
-    print(f"  {'load':6s} {'policy':7s} {'verify tokens':>13s} {'accepted':>9s} {'emitted':>8s} "
-          f"{'step ms':>8s} {'tokens/ms':>10s}  lossless")
+    top = args.requests * (args.gamma + 1)
+    print("\nConfidence-scheduled verification (Markov head on): verify tokens, accepted and emitted per round")
+    print(f"  and request; target rows = the verify batch the target processed per round (the bucket, of at "
+          f"most R·(γ+1) = {top}), which sets the step time")
+    print(f"  {'load':6s} {'policy':7s} {'verify tokens':>13s} {'target rows':>11s} {'accepted':>9s} "
+          f"{'emitted':>8s} {'step ms':>8s} {'tokens/ms':>10s}  lossless")
     fixed = None
     for load in ("light", "heavy"):
         for policy in ("fixed", "causal", "async"):
             if policy == "fixed" and fixed is not None:
                 # "fixed" ignores the load: same rounds and tokens, only the step-time curve differs.
-                res = fixed._replace(times=[float(step_time(torch.tensor(v * args.requests), load))
-                                            for v in fixed.verified])
+                res = fixed._replace(times=[float(step_time(torch.tensor(b), load)) for b in fixed.rows])
             else:
                 res = run(args.sched_rounds, args.requests, args.gamma, args.vocab, args.rank, args.temperature,
                           args.seed, True, args.backend, target, policy=policy, load=load)
@@ -493,6 +516,7 @@ def run_demo(args: argparse.Namespace) -> int:
             ok &= pval > 1e-3 and res.max_logit_diff <= LOGIT_TOL
             worst_diff, all_rows = max(worst_diff, res.max_logit_diff), all_rows + res.rows_checked
             print(f"  {load:6s} {policy:7s} {sum(res.verified) / len(res.verified):13.2f} "
+                  f"{sum(res.rows) / len(res.rows):11.1f} "
                   f"{sum(accepted) / len(accepted):9.3f} {emitted:8.3f} {step_ms:8.2f} {rate:10.2f}  "
                   f"p = {pval:.3f} {'PASS' if pval > 1e-3 else 'FAIL'}")
     good = worst_diff <= LOGIT_TOL

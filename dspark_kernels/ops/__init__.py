@@ -7,7 +7,9 @@ Each name is a module dspark_kernels.ops.<name> that defines the op
 OPS = (
     "markov_draft",
     "schedule_verify",
+    "verify_capacity",
     "pack_verify",
+    "append_verify_kv",
     "verify_attention",
     "rejection_sample",
     "advance",

@@ -184,6 +184,20 @@ def verify_attention(
     captured in a CUDA graph and replayed with new lengths of the same
     shapes); the reference loops over requests on the host and does sync.
 
+    Unchecked path (value checks off, bad metadata): nothing is read or written
+    out of bounds, on every backend, and the outputs are garbage but defined
+    by clamping: request r's rows are [a, b) with a = clamp(cu_verify[r], 0, T)
+    and b = clamp(cu_verify[r+1], a, T) (rows past q.shape[0] are never
+    written); its key count is clamp(kv_lens[r], 0, max_pages·page_size) (a
+    kv_lens beyond the page table reads only the pages it has); keys whose page
+    id lies outside [0, pages) are masked (read nothing, seen by no row); a row
+    that then sees no key gets out 0 and lse -inf. With finite q and caches,
+    every row some request covers is finite. Rows that two requests cover (a
+    decreasing cu_verify) hold one of the two results; rows below cu_verify[R]
+    that no request covers hold 0 / -inf, except on the Triton split path
+    (flash-decoding, chosen from shapes), whose workspace is not initialised:
+    unspecified values there.
+
     NaN policy (all backends): non-finite values are neither checked nor
     masked, they propagate. A NaN/Inf in q[i, h] reaches only out[i, h] and
     lse[i, h]. A NaN/Inf key or value that request r reads may reach every

@@ -1,11 +1,14 @@
 """Reference schedule_verify: implements dspark_kernels.schedule_verify (DSpark Algorithm 1, §3.2.2, §5.2).
 
-Strategy: one stable sort of the masked [R, γ] survival (ties by flat index
+Strategy: the candidates (active request, j < cap, fp32 value > 0: Alg. 1
+line 4), one stable sort of the masked [R, γ] survival (ties by flat index
 r·γ + j, which is the contract's order), prefix sums of the gains for τ_k and
 Θ_k = τ_k · sps[B_k] along the admission path, the admitted count K by a
-cumprod of "Θ rises" (causal) or the first argmax of the history's path
-(async), and a scatter back to per-request lengths. Sorts, scans and
-scatters of static shape: no host sync, so the op is capturable in a CUDA graph.
+cumprod of "Θ rises" (causal), or min(capacity, candidates) in async mode with
+capacity = the first argmax of the history's own path (``capacity``, which
+reference/verify_capacity.py runs too) or the given tensor, and a scatter
+back to per-request lengths. Sorts, scans and scatters of static shape: no
+host sync, so the op is capturable in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -34,30 +37,49 @@ def admission_path(sorted_vals: torch.Tensor, num_active: torch.Tensor, sps: tor
     return theta, tau
 
 
-def schedule_verify(a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    survival, sps, mode, history, max_len, active = a.survival, a.sps, a.mode, a.history, a.max_len, a.active
-    num_req, gamma = survival.shape
-    device = survival.device
+def requests(num_req: int, gamma: int, max_len, active, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, γ] mask of the positions that may hold a candidate (active, j < clamp(max_len, 0, γ)), and active [R]."""
     act = active.bool() if active is not None else torch.ones(num_req, dtype=torch.bool, device=device)
     cap = max_len.to(torch.int64).clamp(0, gamma) if max_len is not None else torch.full((num_req,), gamma, device=device)
     pos = torch.arange(gamma, device=device)
-    valid = act[:, None] & (pos[None, :] < cap[:, None])
+    return act[:, None] & (pos[None, :] < cap[:, None]), act
+
+
+def candidates(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Candidates among `slots`: fp32 value > 0 (Alg. 1 line 4; NaN, zeros and negatives are not)."""
+    return slots & (values.float() > 0)
+
+
+def capacity(values: torch.Tensor, slots: torch.Tensor, num_active: torch.Tensor, sps: torch.Tensor) -> torch.Tensor:
+    """K = the first argmax of Θ_k, k = 0..N, over `values`' own admission path (N its candidates): 0-d int64."""
+    valid = candidates(values, slots)
+    num_valid = valid.sum()
+    vals, _ = candidate_order(values, valid)
+    theta, _ = admission_path(vals, num_active, sps, num_valid)
+    path = torch.arange(theta.shape[0], device=theta.device) <= num_valid
+    theta = torch.where(path, theta, torch.full_like(theta, float("-inf")))
+    return torch.argmax(theta)  # first maximum: the smallest best K (a NaN wins, the first one)
+
+
+def schedule_verify(a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    survival, sps, mode, history, max_len, active, given = (
+        a.survival, a.sps, a.mode, a.history, a.max_len, a.active, a.capacity)
+    num_req, gamma = survival.shape
+    device = survival.device
+    slots, act = requests(num_req, gamma, max_len, active, device)
     num_active = act.sum()
+    valid = candidates(survival, slots)
     num_valid = valid.sum()
     n = num_req * gamma
 
     cur_vals, cur_idx = candidate_order(survival, valid)
+    theta, tau = admission_path(cur_vals, num_active, sps, num_valid)
     if mode == "causal":
-        theta, tau = admission_path(cur_vals, num_active, sps, num_valid)
         rises = (theta[1:] > theta[:-1]) & (torch.arange(n, device=device) < num_valid)
         admitted = rises.to(torch.int64).cumprod(0).sum()
     else:
-        hist_vals, _ = candidate_order(history, valid)
-        theta_h, _ = admission_path(hist_vals, num_active, sps, num_valid)
-        path = torch.arange(n + 1, device=device) <= num_valid
-        theta_h = torch.where(path, theta_h, torch.full_like(theta_h, float("-inf")))
-        admitted = torch.argmax(theta_h)  # first maximum: the smallest best K
-        _, tau = admission_path(cur_vals, num_active, sps, num_valid)
+        k = capacity(history, slots, num_active, sps) if given is None else given.to(torch.int64)
+        admitted = torch.minimum(k.clamp(min=0), num_valid)
 
     take = (torch.arange(n, device=device) < admitted).to(torch.int32)
     chosen_req = torch.div(cur_idx, max(gamma, 1), rounding_mode="floor")

@@ -22,6 +22,13 @@ Layout of the work, all grids from static shapes (no host sync, capturable):
 
 S is chosen on the host from static bounds only: enough programs to fill the
 GPU twice, at most one split per 256 keys of the page table's capacity.
+
+Memory safety without value checks: the kernel clamps a request's rows to
+[0, T) (row0 = clamp(cu[r], 0, T), end = clamp(cu[r+1], row0, T)) and its
+kv_len to [0, max_pages * page_size], so every page-table column, q row, tree
+row and output row it touches exists, and it masks keys whose page id lies
+outside [0, P) (they read nothing and are invisible). Two scalar clamps per
+program and two compares per key chunk: free beside the tile work.
 """
 
 import math
@@ -49,7 +56,7 @@ def _tanh(x):
 @triton.jit
 def _verify_attn_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, kvlen_ptr, cu_ptr, tree_ptr,
-    scale, softcap, window, head_dim,
+    scale, softcap, window, head_dim, num_rows, num_pages, max_keys,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kh, stride_kd,
     stride_vp, stride_vs, stride_vh, stride_vd,
@@ -64,9 +71,12 @@ def _verify_attn_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    row0 = tl.load(cu_ptr + r)
-    n = tl.load(cu_ptr + r + 1) - row0
-    kv_len = tl.load(kvlen_ptr + r)
+    # Clamped so that no metadata can send a load or store out of bounds (value checks off):
+    # rows [row0, row0 + n) inside [0, T), keys [0, kv_len) inside the page table's
+    # max_pages * PAGE_SIZE; for valid metadata these clamps change nothing.
+    row0 = tl.minimum(tl.maximum(tl.load(cu_ptr + r), 0), num_rows)
+    n = tl.minimum(tl.maximum(tl.load(cu_ptr + r + 1), row0), num_rows) - row0
+    kv_len = tl.minimum(tl.maximum(tl.load(kvlen_ptr + r), 0), max_keys)
     ctx = kv_len - n
 
     # This program's key range: the split s share of [lo, kv_len) in BLOCK_N multiples,
@@ -105,8 +115,12 @@ def _verify_attn_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for n0 in range(k_lo, k_hi, BLOCK_N):
             kpos = n0 + offs_n
-            k_ok = kpos < k_hi
-            page = tl.load(pt_row + (kpos // PAGE_SIZE) * stride_ptp, mask=k_ok, other=0).to(tl.int64)
+            k_in = kpos < k_hi
+            page = tl.load(pt_row + (kpos // PAGE_SIZE) * stride_ptp, mask=k_in, other=0).to(tl.int64)
+            # A page id outside [0, P) (unchecked path) reads nothing: its keys are masked.
+            page_ok = (page >= 0) & (page < num_pages)
+            k_ok = k_in & page_ok
+            page = tl.where(page_ok, page, 0)
             slot = (kpos % PAGE_SIZE).to(tl.int64)
             k = tl.load(k_head + page[None, :] * stride_kp + slot[None, :] * stride_ks
                         + offs_d[:, None] * stride_kd, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
@@ -124,7 +138,8 @@ def _verify_attn_kernel(
                     bit = tl.where(jj[None, :] < 32, bit, (w1[:, None] >> (jj[None, :] & 31)) & 1)
                 else:
                     bit = tl.where(jj[None, :] < 32, bit, 0)
-                visible = (j[None, :] < 0) | (bit != 0)
+                # Block keys past the mask's 32 * TREE_WORDS bits (only with n_r beyond the checked limit) are hidden.
+                visible = (j[None, :] < 0) | ((bit != 0) & (jj[None, :] < 32 * TREE_WORDS))
             else:
                 visible = j[None, :] <= t[:, None]
             visible = visible & k_ok[None, :]
@@ -270,7 +285,8 @@ def verify_attention(a, *, num_splits=None, block_m=None, block_n=None):
     meta = dict(GROUP=group, PAGE_SIZE=page_size, TREE_WORDS=tree_words, HAS_SOFTCAP=softcap > 0,
                 HAS_WINDOW=window > 0, DOT_PRECISION=dot_precision, **cfg)
     common = (q, k_cache, v_cache, page_table, kv_lens, cu, tree, sm_scale, softcap if softcap > 0 else 1.0,
-              window, head_dim, *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_table.stride(),
+              window, head_dim, num_rows, k_cache.shape[0], max_pages * page_size,
+              *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_table.stride(),
               tree.stride(0), tree.stride(1) if tree.dim() > 1 else 1)
     grid = (num_req, num_kv, num_splits)
 
@@ -297,7 +313,8 @@ def verify_attention(a, *, num_splits=None, block_m=None, block_n=None):
 
 def _compile_specs():
     """(kernel, signature, constexprs) triples that tests compile for sm_90 ahead of time."""
-    names = ("q_ptr k_ptr v_ptr pt_ptr kvlen_ptr cu_ptr tree_ptr scale softcap window head_dim "
+    names = ("q_ptr k_ptr v_ptr pt_ptr kvlen_ptr cu_ptr tree_ptr scale softcap window head_dim num_rows num_pages "
+             "max_keys "
              "stride_qt stride_qh stride_qd stride_kp stride_ks stride_kh stride_kd stride_vp stride_vs stride_vh "
              "stride_vd stride_ptr stride_ptp stride_tt stride_tw out_ptr lse_ptr stride_os stride_ot stride_oh "
              "stride_ls stride_lt").split()
