@@ -3,6 +3,7 @@
     demo              the end-to-end DSpark demo on a synthetic target (dspark_kernels.engine.demo)
     info              torch / CUDA status and which backends of each op can run here
     check-checkpoint  load a DeepSpec DSpark checkpoint (dspark_kernels.engine.deepspec) and draft once
+    simulate          closed-loop serving simulation of the scheduler (dspark_kernels.engine.simulator)
 
 ``python -m dspark_kernels`` with no command prints the help and exits 0;
 ``python -m dspark_kernels <command> --help`` describes one command. A new
@@ -127,7 +128,17 @@ def _add_check_checkpoint(sub) -> None:
     p.set_defaults(func=check_checkpoint)
 
 
-_COMMANDS = (_add_demo, _add_info, _add_check_checkpoint)
+def _add_simulate(sub) -> None:
+    from .engine.simulator import cli as simulator_cli
+
+    p = sub.add_parser("simulate", help="serving simulator: throughput vs per-user speed of MTP-1, fixed γ and "
+                                        "DSpark scheduling (under a minute on a CPU)",
+                       description=simulator_cli.DESCRIPTION)
+    simulator_cli.add_arguments(p)
+    p.set_defaults(func=simulator_cli.run_simulate)
+
+
+_COMMANDS = (_add_demo, _add_info, _add_check_checkpoint, _add_simulate)
 
 
 def build_parser() -> argparse.ArgumentParser:

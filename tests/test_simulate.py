@@ -1,0 +1,388 @@
+"""The serving simulator (dspark_kernels.engine.simulator): claims of issue 16 on the default profiles,
+the models' formulas against closed forms, determinism, file formats and the command line.
+
+Sweeps here are smaller than the CLI default (request_rounds 2048, at most 256 rounds a point) so the
+file runs in well under a minute on a 2-core CPU; every comparison's tolerance is computed from the
+points' own standard errors (batch means), so fewer rounds widen it rather than make it flaky.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dspark_kernels.engine.sps_table import profile_sps
+from dspark_kernels.engine.simulator import (WORKLOADS, AcceptanceModel, TableStepModel, fit_acceptance,
+                                             load_acceptance_log, load_sps_json, named_profile, parse_policies,
+                                             save_sps_json, simulate, throughput_at)
+from dspark_kernels.engine.simulator.core import simulate_point
+from dspark_kernels.engine.simulator.run import DEFAULT_PROFILES
+from dspark_kernels.engine.simulator.steptime import TARGETS, expert_padded_rows, experts_touched
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POLICIES = "mtp1,fixed3,fixed5,causal,async"
+SMALL = dict(request_rounds=2048, min_rounds=32, max_rounds=256)
+# One-sided comparisons at 3 standard errors of the difference: a false alarm has probability
+# 0.13 % per comparison if the two policies were equal (they are not: the true gaps are what is tested).
+SIGMAS = 3.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as the simulator's own sweep uses: the tensors here are small, and on a
+    loaded 2-core CPU OpenMP spin-waits cost more than their work. Restored for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sweep(**kw):
+    return simulate(None, profiles=DEFAULT_PROFILES, policies=POLICIES, plots=False, **SMALL, **kw)
+
+
+@pytest.fixture(scope="module")
+def modelled():
+    """The default profiles, drafters costed by their rooflines (the CLI's default sweep, smaller)."""
+    return _sweep()
+
+
+@pytest.fixture(scope="module")
+def equal_draft():
+    """The same, with the DSpark drafter costing what MTP-1's does: only the scheduling differs."""
+    return _sweep(dspark_draft_cost="mtp")
+
+
+def _by(points, profile, workload, policy):
+    out = [p for p in points if p["profile"] == profile and p["workload"] == workload and p["policy"] == policy]
+    return sorted(out, key=lambda p: p["concurrency"])
+
+
+def _se_at(pts, s):
+    """Standard error of the frontier near per-user speed s: the larger of the two bracketing points'."""
+    speeds = [p["per_user_tok_s"] for p in pts]
+    near = [p for p, q in zip(pts, pts[1:]) if min(p["per_user_tok_s"], q["per_user_tok_s"]) <= s
+            <= max(p["per_user_tok_s"], q["per_user_tok_s"])]
+    near = near or [pts[min(range(len(pts)), key=lambda i: abs(speeds[i] - s))]]
+    i = pts.index(near[0])
+    return max(p["throughput_se"] for p in pts[i:i + 2])
+
+
+def _worst_gap(dspark_curves, base, samples=60):
+    """min over per-user speeds reached by both of (T_dspark(s) - T_base(s)) / tolerance(s), with the
+    DSpark frontier the better of the given curves at each s; > -1 means "on or above within 3σ"."""
+    lo = max(max(min(p["per_user_tok_s"] for p in c) for c in dspark_curves),
+             min(p["per_user_tok_s"] for p in base))
+    hi = min(max(max(p["per_user_tok_s"] for p in c) for c in dspark_curves),
+             max(p["per_user_tok_s"] for p in base))
+    assert hi > lo, "the frontiers do not overlap"
+    worst = (math.inf, None)
+    for k in range(samples):
+        s = min(hi, max(lo, lo * (hi / lo) ** (k / (samples - 1))))  # rounding must not leave [lo, hi]
+        options = [(throughput_at(c, s), _se_at(c, s)) for c in dspark_curves]
+        t_d, se_d = max((o for o in options if o[0] is not None), key=lambda o: o[0])
+        t_b, se_b = throughput_at(base, s), _se_at(base, s)
+        tol = SIGMAS * math.hypot(se_d, se_b)
+        worst = min(worst, ((t_d - t_b) / tol, s), key=lambda w: w[0])
+    return worst
+
+
+@pytest.mark.parametrize("profile", DEFAULT_PROFILES)
+def test_dspark_frontier_on_or_above_mtp1_and_fixed_gamma_at_equal_drafting_cost(equal_draft, profile):
+    """The scheduler's claim, isolated: with every drafter costing the same, DSpark's frontier (at each
+    per-user speed the better of causal and async) is on or above MTP-1's, fixed γ=3's and γ=5's."""
+    for workload in WORKLOADS:
+        dspark = [_by(equal_draft.points, profile, workload, m) for m in ("causal", "async")]
+        for base in ("mtp1", "fixed3", "fixed5"):
+            gap, s = _worst_gap(dspark, _by(equal_draft.points, profile, workload, base))
+            assert gap > -1.0, (profile, workload, base, f"{gap:.2f} tolerances below at {s:.1f} tok/s/user")
+
+
+def test_dspark_frontier_on_or_above_baselines_on_the_moe_profile_with_its_drafting_cost(modelled):
+    """deepseek-v3@h200 with the DSpark drafter's own cost: async alone is on or above MTP-1 at every
+    per-user speed, and DSpark's frontier (better of the modes) on or above every baseline."""
+    profile = "deepseek-v3@h200"
+    for workload in WORKLOADS:
+        asy = _by(modelled.points, profile, workload, "async")
+        cau = _by(modelled.points, profile, workload, "causal")
+        gap, s = _worst_gap([asy], _by(modelled.points, profile, workload, "mtp1"))
+        assert gap > -1.0, (workload, "async vs mtp1", gap, s)
+        for base in ("mtp1", "fixed3", "fixed5"):
+            gap, s = _worst_gap([cau, asy], _by(modelled.points, profile, workload, base))
+            assert gap > -1.0, (workload, base, gap, s)
+
+
+def test_gamma7_drafting_costs_the_dense_chat_frontier_a_few_percent(modelled):
+    """The documented exception (README): on llama3-8b@h100 chat, drafting γ = 7 positions costs more than
+    the rarely accepted drafts 4..7 return, so fixed γ = 3 (a 3-position drafter) edges DSpark near
+    C = 128; with equal drafting cost (previous test) the gap is gone. Pinned so the README stays true."""
+    dspark = [_by(modelled.points, "llama3-8b@h100", "chat", m) for m in ("causal", "async")]
+    fixed3 = _by(modelled.points, "llama3-8b@h100", "chat", "fixed3")
+    lo = max(min(p["per_user_tok_s"] for p in fixed3), min(p["per_user_tok_s"] for p in dspark[0]))
+    worst = min((max(throughput_at(c, s) for c in dspark) / throughput_at(fixed3, s) - 1.0)
+                for s in (lo * 1.02 ** k for k in range(200)) if s < 300)
+    assert -0.08 < worst < -0.01, worst
+
+
+def _budget_monotone(pts, start_index=0):
+    """Verify budget non-increasing in C from start_index on. On a staircase SPS the best batch is a tile
+    boundary, so the best budget moves in steps of one 128-row tile spread over C requests (128/C drafts
+    per request), plus 0.05 for the end-of-request cap (max_len = remaining - 1 in a request's last round)."""
+    for a, b in zip(pts[start_index:], pts[start_index + 1:]):
+        slack = 128 / b["concurrency"] + 0.05
+        assert b["verify_budget"] <= a["verify_budget"] + slack, (a["concurrency"], a["verify_budget"],
+                                                                  b["concurrency"], b["verify_budget"])
+    assert pts[-1]["verify_budget"] < pts[start_index]["verify_budget"] - 1.0
+
+
+def _budget_falls_from_peak(pts, start_index):
+    """Async's weaker form: after C* no point exceeds the peak budget (+ the same slack), and at the largest
+    C the budget is below 60 % of the peak. Its K is a global optimum over a compute-bound staircase, which
+    can tick up between the two largest concurrencies (DeepSeek-V3 math: 2.50 -> 2.62 -> 2.75 at
+    C = 512, 1024, 2048 in this sweep), so consecutive monotonicity is not a property of it."""
+    peak = max(p["verify_budget"] for p in pts[start_index:])
+    for p in pts[start_index:]:
+        assert p["verify_budget"] <= peak + 128 / p["concurrency"] + 0.05, (p["concurrency"], p["verify_budget"])
+    assert pts[-1]["verify_budget"] < 0.6 * peak, (pts[-1]["verify_budget"], peak)
+
+
+@pytest.mark.parametrize("policy", ["causal", "async"])
+def test_verify_budget_falls_as_concurrency_rises(modelled, policy):
+    """Dense target: from C = 1, consecutive points. MoE target: from the concurrency whose anchors alone
+    touch ≥ 99 % of the experts (1 - (1 - k/E)^C ≥ 0.99, C ≥ 146 for DeepSeek-V3); below it every extra
+    verify token reads new experts, so the budget first rises with C (README)."""
+    v3 = TARGETS["deepseek-v3"]
+    c_star = math.log(0.01) / math.log(1 - v3.experts_per_token / v3.experts)
+    for workload in WORKLOADS:
+        dense = _by(modelled.points, "llama3-8b@h100", workload, policy)
+        _budget_monotone(dense)
+        # Memory-bound (C <= 32 here: flat SPS) every draft with survival > 0 is worth verifying: budget γ
+        # less the end-of-request cap (ℓ <= remaining - 1 in a request's last rounds), which costs
+        # 0.00-0.15 drafts a round in this sweep (chat, with 512-token outputs, the most).
+        assert all(p["verify_budget"] > 7 - 0.2 for p in dense if p["concurrency"] <= 32), dense
+        moe = _by(modelled.points, "deepseek-v3@h200", workload, policy)
+        first = next(i for i, p in enumerate(moe) if p["concurrency"] >= c_star)
+        (_budget_monotone if policy == "causal" else _budget_falls_from_peak)(moe, first)
+        assert max(p["verify_budget"] for p in moe[:first]) > moe[0]["verify_budget"], "no rise below C*"
+
+
+def test_fixed_gamma5_loses_throughput_to_mtp1_at_high_concurrency(modelled):
+    """At the largest simulated concurrency of the MoE profile (every workload) and of the dense profile
+    with short contexts (chat, L̄ = 1024), fixed γ = 5 has lower throughput than MTP-1 by more than 3σ.
+    Dense math/code (L̄ = 2048) run out of KV cache before verification is compute-bound (README)."""
+    cases = [("deepseek-v3@h200", w) for w in WORKLOADS] + [("llama3-8b@h100", "chat")]
+    for profile, workload in cases:
+        f5 = _by(modelled.points, profile, workload, "fixed5")[-1]
+        m1 = _by(modelled.points, profile, workload, "mtp1")[-1]
+        gap = m1["throughput_tok_s_gpu"] - f5["throughput_tok_s_gpu"]
+        assert gap > SIGMAS * math.hypot(m1["throughput_se"], f5["throughput_se"]), (profile, workload, f5, m1)
+
+
+def _jagged_table(max_batch: int) -> TableStepModel:
+    """t(B) = 2 ms + 1 ms per started 64-token tile: a staircase where one token past a tile costs a tile."""
+    b = torch.arange(max_batch + 1, dtype=torch.float64)
+    seconds = 2e-3 + 1e-3 * torch.ceil(b / 64)
+    sps = torch.zeros(max_batch + 1, dtype=torch.float64)
+    sps[1:] = 1.0 / seconds[1:]
+    return TableStepModel(sps, "jagged")
+
+
+def test_async_beats_causal_on_a_jagged_sps_curve():
+    """C = 64 anchors fill one tile exactly, so causal's early stop (the next draft costs a whole tile)
+    admits nothing; async's global search over the history fills further tiles. At C = 40 and 100 the
+    anchors leave part of a tile free and async must still be no worse."""
+    model = _jagged_table(8 * 100)
+    wl = WORKLOADS["code"].with_overrides(output_tokens=10 ** 6)  # no request ends: no cap noise
+    pols = {p.name: p for p in parse_policies("causal,async", 7)}
+    for c in (40, 64, 100):
+        draws = wl.draw(c, 130, 7, seed=c)
+        cau = simulate_point(model, wl, pols["causal"], c, draws)
+        asy = simulate_point(model, wl, pols["async"], c, draws)
+        tol = SIGMAS * math.hypot(cau["throughput_se"], asy["throughput_se"])
+        assert asy["throughput_tok_s_gpu"] >= cau["throughput_tok_s_gpu"] - tol, (c, cau, asy)
+        if c == 64:
+            assert cau["verify_budget"] == 0.0
+            assert asy["throughput_tok_s_gpu"] > 1.2 * cau["throughput_tok_s_gpu"], (cau, asy)
+
+
+@pytest.mark.parametrize("policy,gamma,drafter", [("fixed5", 5, "dspark"), ("mtp1", 1, "mtp"), ("fixed7", 7, "dspark")])
+def test_fixed_policy_accepted_length_matches_the_closed_form(policy, gamma, drafter):
+    """E[L + 1] = 1 + Σ_{k≤γ} Π_{i≤k} p_i. N = C·rounds i.i.d. rounds (no request ends: no cap), so the
+    sample mean is within 4 standard errors √(Var[L+1]/N) (two-sided p ≈ 6e-5) of it."""
+    wl = WORKLOADS["code"].with_overrides(output_tokens=10 ** 6)
+    model = named_profile("llama3-8b@h100")
+    pol = parse_policies(policy, 7)[0]
+    c, rounds = 64, 200
+    point = simulate_point(model, wl, pol, c, wl.draw(c, rounds + 2, 7, seed=11))
+    expected = wl.expected_accepted_length(gamma, drafter=drafter)
+    bound = 4 * wl.accepted_length_std(gamma, drafter=drafter) / math.sqrt(c * rounds)
+    assert abs(point["mean_accepted_length"] - expected) < bound, (point["mean_accepted_length"], expected, bound)
+    assert point["verify_budget"] == gamma
+
+
+def test_closed_forms_of_the_acceptance_model():
+    wl = AcceptanceModel("t", (0.5, 0.5))
+    assert wl.survival(2) == [0.5, 0.25]
+    assert wl.expected_accepted_length(2) == pytest.approx(1.75)
+    # L ∈ {0, 1, 2} with probabilities 1/2, 1/4, 1/4: Var[L + 1] = E[L²] - E[L]² = 1.25 - 0.75².
+    assert wl.accepted_length_std(2) ** 2 == pytest.approx(0.5 * 0 + 0.25 * 1 + 0.25 * 4 - 0.75 ** 2)
+
+
+def test_confidence_head_has_the_stated_auroc_and_ece():
+    """Measured on 140 000 fresh samples: AUROC within 0.01 (its standard error at these counts is
+    ~0.002-0.004) and pooled ECE within 0.006 (twice the 0.0026 sampling floor of a calibrated head)."""
+    for auroc, ece in ((0.86, 0.02), (0.81, 0.05), (0.91, 0.0)):
+        wl = WORKLOADS["code"].with_overrides(auroc=auroc, ece=ece)
+        m = wl.metrics()
+        assert abs(m["auroc_per_position_mean"] - auroc) < 0.01, (auroc, m)
+        assert abs(m["ece_pooled"] - max(ece, 0.0026)) < 0.006, (ece, m)
+        probit = torch.special.ndtri(torch.tensor(auroc, dtype=torch.float64)).item()
+        assert m["mu"] == pytest.approx(math.sqrt(2) * probit)  # AUROC = Φ(μ/√2)
+
+
+def _synthetic_log(wl: AcceptanceModel, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.tensor(wl.accept, dtype=torch.float64)
+    y = torch.rand(n, wl.gamma_max, generator=g, dtype=torch.float64) < p
+    conf = wl.confidences(y, torch.randn(n, wl.gamma_max, generator=g, dtype=torch.float64))
+    return torch.cumprod(y.to(torch.int64), 1).sum(1), conf
+
+
+def test_fit_acceptance_recovers_a_known_model(tmp_path):
+    """A log drawn from a model fits back to it: rates within 4 binomial standard errors, AUROC within
+    0.02 and ECE within 0.01 (fewer informative samples at late positions widen both)."""
+    wl = WORKLOADS["math"].with_overrides(auroc=0.84, ece=0.03)
+    accepted, conf = _synthetic_log(wl, 30000, seed=5)
+    fit = fit_acceptance(accepted, conf, name="fit")
+    reached = 30000
+    for k, (p, q) in enumerate(zip(wl.accept, fit.accept)):
+        assert abs(p - q) < 4 * math.sqrt(p * (1 - p) / reached), (k, p, q)
+        reached = int((accepted > k).sum())
+    assert abs(fit.auroc - 0.84) < 0.02 and abs(fit.ece - 0.03) < 0.01, (fit.auroc, fit.ece)
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps({"accepted_len": accepted.tolist(), "confidence": conf.tolist(), "name": "mine"}))
+    loaded = load_acceptance_log(path)
+    assert loaded.name == "mine" and loaded.accept == fit.accept
+    with pytest.raises(ValueError, match="accepted_len"):
+        fit_acceptance(torch.tensor([9]), torch.rand(1, 7))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_acceptance_log(bad)
+
+
+def test_roofline_shapes_match_the_model_cards():
+    """Llama-3.1-8B: 8.03B parameters; DeepSeek-V3: 671B total, 37B active (36.6B without the MTP
+    module, its weight README) — from the shapes, within 0.5 %."""
+    assert TARGETS["llama3-8b"].total_params == pytest.approx(8.03e9, rel=0.005)
+    v3 = TARGETS["deepseek-v3"]
+    assert v3.total_params == pytest.approx(671e9, rel=0.005)
+    assert v3.active_params == pytest.approx(36.6e9, rel=0.005)
+
+
+def test_expert_formulas_against_monte_carlo():
+    """E_touched(T) = E(1 - (1 - k/E)^T) and the padded expert rows against routing T tokens to k distinct
+    of E experts uniformly at random (50 trials: relative standard error of the mean below 0.5 %, far
+    inside the 2 % tolerance). T = 2100 puts λ = T·k/E = 65.6 just past one 64-row tile."""
+    g = torch.Generator().manual_seed(0)
+    for tokens in (1, 7, 60, 300, 2100):
+        counts = torch.zeros(50, 256)
+        for trial in range(50):
+            picks = torch.rand(tokens, 256, generator=g).argsort(dim=1)[:, :8]
+            counts[trial] = torch.bincount(picks.reshape(-1), minlength=256).float()
+        touched = float((counts > 0).double().sum(1).mean())
+        padded = float((torch.ceil(counts / 64) * 64).sum(1).mean())
+        t = torch.tensor([tokens])
+        assert float(experts_touched(t, 256, 8)) == pytest.approx(touched, rel=0.02, abs=0.5)
+        assert float(expert_padded_rows(t, 256, 8)) == pytest.approx(padded, rel=0.02)
+
+
+def test_roofline_step_is_a_staircase_where_compute_bound():
+    m = named_profile("llama3-8b@h200")
+    t = m.target_seconds(torch.tensor([1, 128, 129, 256, 1024, 1025, 1152]), 256, 1024.0)
+    assert t[0] == t[1]  # memory-bound: one token costs what 128 do
+    # a row past a tile costs the whole tile; inside a tile only the attention FLOPs (B·L̄·f) still grow
+    assert t[5] - t[4] > 10 * (t[6] - t[5]) > 0
+    with pytest.raises(ValueError, match="unknown profile"):
+        named_profile("llama3-8b@a100")
+
+
+def test_sps_json_round_trip_and_simulation(tmp_path):
+    """A profile_sps result (fake clock: t(B) = 1 ms + B/64 ms) saved, loaded, and simulated."""
+    clock = {"t": 0.0, "b": 0}
+
+    def step(b):
+        clock["b"] = b
+
+    def timer():
+        clock["t"] += 0.5 * (1e-3 + clock["b"] / 64e3)  # called twice per step: half the step each time
+        return clock["t"]
+
+    prof = profile_sps(step, 8 * 16, device="cpu", warmup=0, repeats=1, timer=timer)
+    path = save_sps_json(prof, tmp_path / "table.json", name="fake", gpus=2, draft_seconds={"dspark": 1e-4})
+    model = load_sps_json(path)
+    assert model.name == "fake" and model.gpus == 2 and model.max_batch == 128
+    assert torch.allclose(model.sps, prof.sps.double())
+    sim = simulate(None, profiles=[], sps_json=[path], workloads=["code"], policies="mtp1,async",
+                   concurrency=[4, 16, 32], slas=[100], plots=False, request_rounds=256, min_rounds=16, max_rounds=32)
+    assert {p["concurrency"] for p in sim.points} == {4, 16}  # 32 x 8 > 128: over the table's range
+    assert sim.skipped and sim.skipped[0][2] == 32
+    for text, match in (("[]", "not an SPS table"), (json.dumps({"format": "dspark_kernels.sps_table", "version": 1,
+                                                                  "sps": [0, 1, -1]}), "> 0")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_sps_json(bad)
+
+
+def test_same_seed_gives_the_same_json(tmp_path):
+    kw = dict(profiles=["deepseek-v3@h200"], workloads=["chat"], policies="mtp1,causal,async", concurrency=[2, 64],
+              plots=False, request_rounds=256, min_rounds=16, max_rounds=64)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    simulate(a, seed=3, **kw)
+    simulate(b, seed=3, **kw)
+    simulate(c, seed=4, **kw)
+    for name in ("points.json", "run.json", "sla.txt"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "points.json").read_bytes() != (c / "points.json").read_bytes()
+
+
+def test_frontier_interpolation():
+    pts = [{"per_user_tok_s": u, "throughput_tok_s_gpu": t} for u, t in ((100.0, 10.0), (50.0, 30.0), (20.0, 25.0))]
+    assert throughput_at(pts, 120.0) is None
+    assert throughput_at(pts, 75.0) == pytest.approx(20.0)
+    assert throughput_at(pts, 30.0) == pytest.approx(30.0)  # the 50 tok/s point meets an SLA of 30
+    assert throughput_at(pts, 10.0) == pytest.approx(30.0)
+
+
+def _cli(*args):
+    extra = os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""
+    env = dict(os.environ, PYTHONPATH=ROOT + extra)
+    return subprocess.run([sys.executable, "-m", "dspark_kernels", "simulate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_smoke(tmp_path):
+    out = tmp_path / "sim"
+    res = _cli("--out", str(out), "--profiles", "llama3-8b@h100", "--workloads", "code", "--concurrency", "1,8",
+               "--request-rounds", "64", "--min-rounds", "16", "--max-rounds", "32", "--sla", "100,300")
+    assert res.returncode == 0, res.stderr
+    assert "SLA tok/s/user" in res.stdout and "async" in res.stdout and "(+" in res.stdout
+    assert "[" in res.stderr and "done" in res.stderr  # the progress bar
+    points = json.loads((out / "points.json").read_text())
+    assert len(points) == 2 * 5
+    keys = {"policy", "profile", "workload", "concurrency", "throughput_tok_s_gpu", "per_user_tok_s",
+            "verify_budget", "mean_accepted_length"}
+    assert all(keys <= set(p) for p in points)
+    for png in ("frontier.png", "concurrency.png"):
+        head = (out / png).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24])[0] > 100
+    bad = _cli("--out", str(tmp_path / "x"), "--profiles", "nope@h100", "--quiet")
+    assert bad.returncode == 2 and "unknown profile 'nope@h100'" in bad.stderr
