@@ -90,28 +90,14 @@ def _public_call(backend: str):
 
 
 def _graph_call(backend: str):
-    eager = _public_call(backend)
-
-    def factory(case: harness.Case):
-        if case.params["device"] != "cuda":
-            raise harness.ProviderUnavailable("CUDA graphs need a CUDA device")
-        return harness.GraphReplay(eager(case))
-
-    return factory
-
-
-def _compiled_reference(case: harness.Case):
-    from dspark_kernels.ops.advance import OP as ADVANCE
-
-    fn = harness.compiled(ADVANCE.impls.reference)
-    return lambda x: fn(ADVANCE.record(**x))
+    return harness.graph_provider(_public_call(backend))
 
 
 def providers() -> list[harness.Provider]:
     note = "public op captured once in a CUDA graph, then replayed"
     return [
         harness.Provider(harness.REFERENCE_EAGER, _public_call("reference"), note='backend="reference"'),
-        harness.Provider("reference-compiled", _compiled_reference,
+        harness.Provider("reference-compiled", harness.compiled_reference("advance"),
                          note="torch.compile(dspark_kernels.reference.advance.advance)"),
         harness.Provider("triton", _public_call("triton"), note='backend="triton"'),
         harness.Provider(harness.REFERENCE_EAGER + GRAPH_SUFFIX, _graph_call("reference"),
@@ -121,9 +107,7 @@ def providers() -> list[harness.Provider]:
 
 
 def parser():
-    p = harness.common_parser(__doc__)
-    p.add_argument("--R", type=harness.int_list, help=f"comma list of request counts (default {FULL_R})")
-    p.add_argument("--gamma", type=harness.int_list, help=f"comma list of draft lengths (default {FULL_GAMMA})")
+    p = harness.r_gamma_parser(__doc__, FULL_R, FULL_GAMMA)
     return p
 
 
@@ -135,11 +119,7 @@ def build_cases(args, device: torch.device) -> list[harness.Case]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the report (also printed, and written with --out)."""
-    args = parser().parse_args(argv)
-    cfg = harness.run_config(args)
-    chosen = harness.select_providers(providers(), args.providers, args.exclude_providers)
-    report = harness.run_benchmark(OP, build_cases(args, cfg.device), chosen, cfg)
-    return harness.finish(report, args)
+    return harness.bench_main(OP, argv, parser(), build_cases, providers)
 
 
 if __name__ == "__main__":

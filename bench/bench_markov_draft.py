@@ -227,9 +227,7 @@ def providers(args=None) -> list[harness.Provider]:
 
 
 def parser():
-    p = harness.common_parser(__doc__)
-    p.add_argument("--R", type=harness.int_list, help=f"comma list of request counts (default {FULL_R})")
-    p.add_argument("--gamma", type=harness.int_list, help=f"comma list of draft lengths (default {FULL_GAMMA})")
+    p = harness.r_gamma_parser(__doc__, FULL_R, FULL_GAMMA)
     p.add_argument("--V", type=harness.int_list, help=f"comma list of vocab sizes (default {FULL_V})")
     p.add_argument("--rank", type=int, help=f"Markov rank r (default {FULL_RANK}, {QUICK_RANK} with --quick/--smoke)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="U and weight dtype (default bf16 on CUDA, fp32 on CPU)")

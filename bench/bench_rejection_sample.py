@@ -261,9 +261,7 @@ def providers() -> list[harness.Provider]:
 
 
 def parser():
-    p = harness.common_parser(__doc__)
-    p.add_argument("--R", type=harness.int_list, help=f"comma list of request counts (default {FULL_R})")
-    p.add_argument("--gamma", type=harness.int_list, help=f"comma list of draft lengths (default {FULL_GAMMA})")
+    p = harness.r_gamma_parser(__doc__, FULL_R, FULL_GAMMA)
     p.add_argument("--V", type=harness.int_list, help=f"comma list of vocab sizes (default {FULL_V})")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of draft modes from {MODES}")
     p.add_argument("--accept", type=float, default=DEFAULT_ACCEPT,
@@ -295,11 +293,7 @@ def build_cases(args, device: torch.device) -> list[harness.Case]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the report (also printed, and written with --out)."""
-    args = parser().parse_args(argv)
-    cfg = harness.run_config(args)
-    chosen = harness.select_providers(providers(), args.providers, args.exclude_providers)
-    report = harness.run_benchmark(OP, build_cases(args, cfg.device), chosen, cfg)
-    return harness.finish(report, args)
+    return harness.bench_main(OP, argv, parser(), build_cases, providers)
 
 
 if __name__ == "__main__":

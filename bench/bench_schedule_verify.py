@@ -146,26 +146,7 @@ def _public_call(backend: str):
 
 
 def _graph_call(backend: str):
-    eager = _public_call(backend)
-
-    def factory(case: harness.Case):
-        if case.params["device"] != "cuda":
-            raise harness.ProviderUnavailable("CUDA graphs need a CUDA device")
-        return harness.GraphReplay(eager(case))
-
-    return factory
-
-
-def _compiled_reference(case: harness.Case):
-    from dspark_kernels.ops.schedule_verify import OP
-
-    fn = harness.compiled(OP.impls.reference)
-    mode = "async" if case.params["mode"] == "capacity" else case.params["mode"]
-
-    def call(x: dict):
-        return fn(OP.record(**x, mode=mode))
-
-    return call
+    return harness.graph_provider(_public_call(backend))
 
 
 def providers() -> list[harness.Provider]:
@@ -174,7 +155,8 @@ def providers() -> list[harness.Provider]:
     return [
         harness.Provider(harness.REFERENCE_EAGER, _public_call("reference"),
                          note='dspark_kernels.schedule_verify(backend="reference")'),
-        harness.Provider("reference-compiled", _compiled_reference,
+        harness.Provider("reference-compiled", harness.compiled_reference(
+            OP, lambda case: {"mode": "async" if case.params["mode"] == "capacity" else case.params["mode"]}),
                          note="torch.compile(dspark_kernels.reference.schedule_verify.schedule_verify)"),
         harness.Provider("triton", _public_call("triton"), note='backend="triton"'),
         harness.Provider("cuda", _public_call("cuda"), note='backend="cuda"'),
@@ -242,9 +224,7 @@ def goal_line(goal: dict) -> str:
 
 
 def parser():
-    p = harness.common_parser(__doc__)
-    p.add_argument("--R", type=harness.int_list, help=f"comma list of request counts (default {FULL_R})")
-    p.add_argument("--gamma", type=harness.int_list, help=f"comma list of draft lengths (default {FULL_GAMMA})")
+    p = harness.r_gamma_parser(__doc__, FULL_R, FULL_GAMMA)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of scheduler modes from {MODES}")
     return p
 
@@ -261,12 +241,7 @@ def build_cases(args, device: torch.device) -> list[harness.Case]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the report (also printed, and written with --out)."""
-    args = parser().parse_args(argv)
-    cfg = harness.run_config(args)
-    chosen = harness.select_providers(providers(), args.providers, args.exclude_providers)
-    report = harness.run_benchmark(OP, build_cases(args, cfg.device), chosen, cfg)
-    report["goal"] = evaluate_goal(report)
-    return harness.finish(report, args, footer=goal_line(report["goal"]))
+    return harness.bench_main(OP, argv, parser(), build_cases, providers, goal=(evaluate_goal, goal_line))
 
 
 if __name__ == "__main__":

@@ -94,21 +94,7 @@ def _public_call(backend: str):
 
 
 def _graph_call(backend: str):
-    eager = _public_call(backend)
-
-    def factory(case: harness.Case):
-        if case.params["device"] != "cuda":
-            raise harness.ProviderUnavailable("CUDA graphs need a CUDA device")
-        return harness.GraphReplay(eager(case))
-
-    return factory
-
-
-def _compiled_reference(case: harness.Case):
-    from dspark_kernels.ops.verify_capacity import OP as SPEC
-
-    fn = harness.compiled(SPEC.impls.reference)
-    return lambda x: fn(SPEC.record(**x))
+    return harness.graph_provider(_public_call(backend))
 
 
 def providers() -> list[harness.Provider]:
@@ -117,7 +103,7 @@ def providers() -> list[harness.Provider]:
     return [
         harness.Provider(harness.REFERENCE_EAGER, _public_call("reference"),
                          note='dspark_kernels.verify_capacity(backend="reference")'),
-        harness.Provider("reference-compiled", _compiled_reference,
+        harness.Provider("reference-compiled", harness.compiled_reference("verify_capacity"),
                          note="torch.compile(dspark_kernels.reference.verify_capacity.verify_capacity)"),
         harness.Provider("triton", _public_call("triton"), note='backend="triton"'),
         harness.Provider(harness.REFERENCE_EAGER + GRAPH_SUFFIX, _graph_call("reference"),
@@ -160,9 +146,7 @@ def goal_line(goal: dict) -> str:
 
 
 def parser():
-    p = harness.common_parser(__doc__)
-    p.add_argument("--R", type=harness.int_list, help=f"comma list of request counts (default {FULL_R})")
-    p.add_argument("--gamma", type=harness.int_list, help=f"comma list of draft lengths (default {FULL_GAMMA})")
+    p = harness.r_gamma_parser(__doc__, FULL_R, FULL_GAMMA)
     return p
 
 
@@ -174,12 +158,7 @@ def build_cases(args, device: torch.device) -> list[harness.Case]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the report (also printed, and written with --out)."""
-    args = parser().parse_args(argv)
-    cfg = harness.run_config(args)
-    chosen = harness.select_providers(providers(), args.providers, args.exclude_providers)
-    report = harness.run_benchmark(OP, build_cases(args, cfg.device), chosen, cfg)
-    report["goal"] = evaluate_goal(report)
-    return harness.finish(report, args, footer=goal_line(report["goal"]))
+    return harness.bench_main(OP, argv, parser(), build_cases, providers, goal=(evaluate_goal, goal_line))
 
 
 if __name__ == "__main__":

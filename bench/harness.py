@@ -853,6 +853,54 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False, backend=_COMPILE["backend"])
 
 
+def graph_provider(eager_factory: Callable[[Case], Callable[[dict], Any]]):
+    """Provider factory: what ``eager_factory`` calls, captured once in a CUDA graph and replayed (CUDA only)."""
+
+    def factory(case: Case):
+        if case.params["device"] != "cuda":
+            raise ProviderUnavailable("CUDA graphs need a CUDA device")
+        return GraphReplay(eager_factory(case))
+
+    return factory
+
+
+def compiled_reference(op_module: str, extra: Callable[[Case], dict] | None = None):
+    """Provider factory: torch.compile of the op's reference implementation, called on its argument record
+    built from the inputs dict (plus ``extra(case)``: keyword arguments that are not inputs, e.g. a mode).
+    The public op is opaque to Dynamo (a custom op), so this is the compiled-PyTorch peer."""
+
+    def factory(case: Case):
+        spec = importlib.import_module(f"dspark_kernels.ops.{op_module}").OP
+        fn = compiled(spec.impls.reference)
+        fixed = extra(case) if extra is not None else {}
+        return lambda x: fn(spec.record(**x, **fixed))
+
+    return factory
+
+
+def r_gamma_parser(description: str, full_r: list, full_gamma: list) -> argparse.ArgumentParser:
+    """common_parser plus --R and --gamma comma lists (the shape grid of most ops)."""
+    p = common_parser(description)
+    p.add_argument("--R", type=int_list, help=f"comma list of request counts (default {full_r})")
+    p.add_argument("--gamma", type=int_list, help=f"comma list of draft lengths (default {full_gamma})")
+    return p
+
+
+def bench_main(op: str, argv, parser: argparse.ArgumentParser, build_cases: Callable, providers: Callable,
+               goal: tuple[Callable, Callable] | None = None) -> dict:
+    """A benchmark script's main: parse, pick providers, run every case, add the goal (evaluate, describe)
+    when given, print and write the report; returns it."""
+    args = parser.parse_args(argv)
+    cfg = run_config(args)
+    chosen = select_providers(providers(), args.providers, args.exclude_providers)
+    report = run_benchmark(op, build_cases(args, cfg.device), chosen, cfg)
+    if goal is None:
+        return finish(report, args)
+    evaluate, describe = goal
+    report["goal"] = evaluate(report)
+    return finish(report, args, footer=describe(report["goal"]))
+
+
 def exit_code(report: dict) -> int:
     """1 when a provider of ours failed (status "error"), else 0."""
     return 1 if report.get("errors") else 0
