@@ -591,7 +591,10 @@ def grid_runs(ctx: Ctx) -> list[tuple[str, str, list[str]]]:
     runs += [(f"peers_compiled_{op}", op, head[op] + ["--providers", "reference-compiled"]) for op, _ in HEADLINE]
     # The round's small ops (one launch each, seconds in all): before the long grids.
     runs += [("round_append_verify_kv", "append_verify_kv", ["--R", "64", "--exclude-providers", SLOW_PROVIDERS]),
-             ("round_advance", "advance", ["--R", "64", "--gamma", "7", "--exclude-providers", SLOW_PROVIDERS])]
+             ("round_advance", "advance", ["--R", "64", "--gamma", "7", "--exclude-providers", SLOW_PROVIDERS]),
+             ("tree_rejection_sample", "tree_rejection_sample", ["--R", "64", "--exclude-providers", SLOW_PROVIDERS]),
+             ("tree_verify_layout", "tree_verify_layout", ["--R", "64", "--exclude-providers", SLOW_PROVIDERS]),
+             ("compact_accepted_kv", "compact_accepted_kv", ["--R", "64", "--exclude-providers", SLOW_PROVIDERS])]
     for i in range(4):  # full grids, one request count per command, every op before the next count
         for op, rs in GRID_R.items():
             runs.append((f"grid_{op}_R{rs[i]}", op, [R_FLAG.get(op, "--R"), str(rs[i]),

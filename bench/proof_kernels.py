@@ -239,6 +239,87 @@ VARIANTS: list[tuple[str, object, Callable, object]] = [  # low: True/False, or 
 ]
 
 
+def tree_rejection(mode: str, filters: bool):
+    """tree_rejection_sample: 5 requests of 9-node trees (3 root children, 2 below two of them, a chain
+    below), one inactive-size request (0 nodes), greedy rows, peaked targets so walks go deep and later
+    siblings are tried; V = 1001."""
+    def call(backend):
+        from dspark_kernels.ops.tree_rejection_sample import first_children
+
+        g = _gen(7)
+        N = 9
+        parents = torch.tensor([-1, -1, -1, 0, 0, 1, 1, 3, 7], device=DEVICE).expand(R, N).contiguous()
+        num_nodes = torch.tensor([N, 0, 5, N, 7], dtype=torch.int32, device=DEVICE)
+        cu = torch.zeros(R + 1, dtype=torch.int32, device=DEVICE)
+        cu[1:] = torch.cumsum(num_nodes + 1, 0)
+        T = R * (N + 1)
+        tokens = torch.randint(0, V_ODD, (R, N), generator=g, device=DEVICE, dtype=torch.int32)
+        target = _randn(T, V_ODD, g=g, scale=2.0)
+        # Row of node v peaks at its second child's token (the first child is usually rejected).
+        for v, c in ((-1, 1), (0, 4), (1, 6), (3, 7), (7, 8)):
+            target[cu[:-1].long() + 1 + v, tokens[:, c].long()] += 6.0
+        q = torch.softmax(_randn(R, N, V_ODD, g=g, scale=2.0), -1)
+        live = torch.ones(R, N, dtype=torch.bool, device=DEVICE)
+        q = q[torch.arange(R, device=DEVICE)[:, None], first_children(parents, live)]
+        c = _common(g)
+        kw = dict(top_k=torch.tensor([0, 7, 50, V_ODD + 5, 1], dtype=torch.int32, device=DEVICE),
+                  top_p=torch.tensor([1.0, 0.9, 0.5, 0.95, 1.0], device=DEVICE)) if filters else {}
+        return tuple(dk.tree_rejection_sample(target.to(LOW), tokens, parents, num_nodes, cu, c["temperature"],
+                                              c["seed"], c["offset"], draft_probs=q if mode == "probs" else None,
+                                              **kw, backend=backend))
+    return call
+
+
+from dspark_kernels.ops import tree_rejection_sample as trs_op  # noqa: E402
+
+VARIANTS += [
+    ("tree_rejection_sample onehot", trs_op, tree_rejection("onehot", False), False),
+    ("tree_rejection_sample probs", trs_op, tree_rejection("probs", False), False),
+    ("tree_rejection_sample probs top-k/top-p", trs_op, tree_rejection("probs", True), False),
+]
+
+def tree_layout(backend):
+    """tree_verify_layout: 5 requests of up to 40 nodes (two mask words), one inactive, a bucket with padding."""
+    from bench.bench_tree_verify_layout import random_parents_tensor
+
+    g = _gen(8)
+    N = 40
+    parents = random_parents_tensor(R, N, g).to(DEVICE)
+    num_nodes = torch.tensor([N, 0, 17, N, 3], dtype=torch.int32, device=DEVICE)
+    sizes = num_nodes + 1
+    sizes[1] = 0  # inactive
+    cu = torch.zeros(R + 1, dtype=torch.int32, device=DEVICE)
+    cu[1:] = torch.cumsum(sizes, 0)
+    start = torch.tensor([0, 5, 99, 2**20, 7], dtype=torch.int32, device=DEVICE)
+    return tuple(dk.tree_verify_layout(parents, num_nodes, start, cu_verify=cu, num_rows=int(cu[-1]) + 9,
+                                       backend=backend))
+
+
+def compact_kv(backend):
+    """compact_accepted_kv: bf16 on a GPU, pages of 5 scattered, D = 80, root paths that skip nodes."""
+    g = _gen(9)
+    heads, dim, page_size, N = 3, 80, 5, 12
+    per = 6
+    page_table = torch.randperm(R * per + 1, generator=g, device=DEVICE)[: R * per].reshape(R, per).to(torch.int32)
+    k = _randn(R * per + 1, page_size, heads, dim, g=g, dtype=LOW)
+    v = _randn(R * per + 1, page_size, heads, dim, g=g, dtype=LOW)
+    nodes = torch.tensor([[1, 3, 4, 8, 11], [0, 1, 2, 3, 4], [2, 5, -1, -1, -1], [0, 4, 6, 7, -1], [-1] * 5],
+                         dtype=torch.int32, device=DEVICE)
+    nodes = torch.cat([nodes, torch.full((R, N - 5), -1, dtype=torch.int32, device=DEVICE)], 1)
+    dk.compact_accepted_kv(k, v, page_table, torch.tensor([3, 0, 11, 9, 4], dtype=torch.int32, device=DEVICE), nodes,
+                           torch.tensor([5, 5, 2, 4, 0], dtype=torch.int32, device=DEVICE), backend=backend)
+    return k, v
+
+
+from dspark_kernels.ops import compact_accepted_kv as cak_op  # noqa: E402
+from dspark_kernels.ops import tree_verify_layout as tvl_op  # noqa: E402
+
+VARIANTS += [
+    ("tree_verify_layout", tvl_op, tree_layout, False),
+    ("compact_accepted_kv", cak_op, compact_kv, False),  # a copy: exact in every dtype
+]
+
+
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 

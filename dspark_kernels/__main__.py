@@ -4,6 +4,7 @@
     info              torch / CUDA status and which backends of each op can run here
     check-checkpoint  load a DeepSpec DSpark checkpoint (dspark_kernels.engine.deepspec) and draft once
     simulate          closed-loop serving simulation of the scheduler (dspark_kernels.engine.simulator)
+    tree-demo         tree verification end to end, b chains per request (dspark_kernels.engine.tree_demo)
 
 ``python -m dspark_kernels`` with no command prints the help and exits 0;
 ``python -m dspark_kernels <command> --help`` describes one command. A new
@@ -138,7 +139,17 @@ def _add_simulate(sub) -> None:
     p.set_defaults(func=simulator_cli.run_simulate)
 
 
-_COMMANDS = (_add_demo, _add_info, _add_check_checkpoint, _add_simulate)
+def _add_tree_demo(sub) -> None:
+    from .engine import tree_demo
+
+    p = sub.add_parser("tree-demo", help="tree verification end to end: b Markov-head chains per request as one "
+                                         "token tree, beside the chain (seconds on a CPU)",
+                       description=tree_demo.DESCRIPTION)
+    tree_demo.add_arguments(p)
+    p.set_defaults(func=tree_demo.run_tree_demo)
+
+
+_COMMANDS = (_add_demo, _add_info, _add_check_checkpoint, _add_simulate, _add_tree_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ def test_help_lists_the_commands(flag):
     res, _ = _cli(flag)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: python -m dspark_kernels")
-    for command in ("demo", "info", "check-checkpoint", "simulate"):
+    for command in ("demo", "info", "check-checkpoint", "simulate", "tree-demo"):
         assert command in res.stdout
     assert "<command> --help" in res.stdout
 

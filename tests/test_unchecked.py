@@ -398,3 +398,167 @@ def test_scheduler_never_leaks(i):
                                     active=to_device(x["active"]), backend=b)) for b in available_backends(vc_op)}
     n_hist = int((slots & (x["history"].float() > 0)).sum())
     assert len(set(ks.values())) == 1 and 0 <= ks["reference"] <= n_hist, ks
+
+
+# ---------------------------------------------------------------------------
+# tree_rejection_sample with bad metadata and values
+# ---------------------------------------------------------------------------
+
+from dspark_kernels.ops import tree_rejection_sample as trs_op  # noqa: E402
+
+TRS_BACKENDS = available_backends(trs_op)
+
+
+def tree_case(i: int) -> tuple[dict, int]:
+    """Random tree_rejection_sample inputs: parents -1 / earlier (good), own index or later, < -1, huge; node
+    ids outside [0, V); num_nodes outside [0, N]; cu_verify consistent or anything; NaN / inf everywhere."""
+    g = torch.Generator().manual_seed(5000 + i)
+    R, N, V = _rand(g, 1, 6), _rand(g, 0, 7), _rand(g, 1, 40)
+    T = _rand(g, 0, R * (N + 1) + 3)
+    num_nodes = _bad_ints(g, (R,), 0, N + 1).to(torch.int32)
+    if i % 3 == 0:
+        cu = torch.zeros(R + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(num_nodes.clamp(0, N) + 1, 0)
+    else:
+        cu = _bad_ints(g, (R + 1,), 0, T + 1).to(torch.int32)
+    idx = torch.arange(N)
+    good = (torch.rand(R, N, generator=g) * (idx + 1)).long() - 1  # in [-1, i - 1]
+    parents = torch.where(torch.rand(R, N, generator=g) < 0.7, good, _bad_ints(g, (R, N), -1, N + 1))
+    x = dict(target_logits=_nasty(g, (T, V)), tree_tokens=_bad_ints(g, (R, N), 0, V).to(torch.int32),
+             tree_parents=parents.to(torch.int32), num_nodes=num_nodes, cu_verify=cu,
+             temperature=torch.where(torch.rand(R, generator=g) < 0.3, torch.tensor(math.nan),
+                                     torch.rand(R, generator=g) * 2 - 0.5),
+             seed=torch.randint(0, 2**62, (R,), generator=g), offset=torch.tensor(i, dtype=torch.int64))
+    if i % 2:
+        x["draft_probs"] = _nasty(g, (R, N, V)).abs()  # unnormalised, NaN, inf, unequal siblings
+    if i % 4 in (1, 2):
+        x["top_k"] = _bad_ints(g, (R,), -2, V + 3).to(torch.int32)
+    if i % 4 in (2, 3):
+        x["top_p"] = _nasty(g, (R,), 0.7)
+    return x, V
+
+
+@pytest.mark.parametrize("backend", TRS_BACKENDS)
+@pytest.mark.parametrize("i", range(CASES))
+def test_tree_rejection_sample_never_leaks(backend, i):
+    """Ids in [0, V) or -1; the accepted nodes are a root path of nodes < N with valid ids; an inactive
+    request emits nothing; a live one emits exactly one token after its path."""
+    x, V = tree_case(i)
+    out = dk.tree_rejection_sample(**{k: to_device(v) for k, v in x.items()}, backend=backend)
+    tokens, n_acc, nodes = (t.cpu().long() for t in out)
+    R, N = x["tree_tokens"].shape
+    assert tokens.shape == (R, N + 1) and nodes.shape == (R, N)
+    assert bool(((tokens >= -1) & (tokens < V)).all()), tokens
+    assert bool(((n_acc >= 0) & (n_acc <= N)).all())
+    cu = x["cu_verify"].long()
+    T = x["target_logits"].shape[0]
+    live = (cu[1:] - cu[:-1] > 0) & (cu[:-1] >= 0) & (cu[:-1] < T)
+    for r in range(R):
+        k = int(n_acc[r])
+        path = nodes[r, :k].tolist()
+        parent = -1
+        for c in path:
+            assert 0 <= c < N and int(x["tree_parents"][r, c]) == parent and c > parent
+            assert 0 <= int(x["tree_tokens"][r, c]) < V
+            parent = c
+        assert tokens[r, :k].tolist() == [int(x["tree_tokens"][r, c]) for c in path]
+        assert bool((nodes[r, k:] == -1).all()) and bool((tokens[r, k + 1:] == -1).all())
+        assert (int(tokens[r, k]) >= 0) == bool(live[r]), (r, tokens[r])
+
+
+def test_tree_fuzz_cases_are_bad_enough():
+    bad_parent = bad_ids = bad_n = 0
+    for i in range(CASES):
+        x, V = tree_case(i)
+        par, idx = x["tree_parents"].long(), torch.arange(x["tree_parents"].shape[1])
+        bad_parent += int(((par < -1) | (par >= idx)).any())
+        bad_ids += int(((x["tree_tokens"] < 0) | (x["tree_tokens"] >= V)).any())
+        bad_n += int(((x["num_nodes"] < 0) | (x["num_nodes"] > x["tree_tokens"].shape[1])).any())
+    assert bad_parent >= CASES // 2 and bad_ids >= CASES // 2 and bad_n >= CASES // 3
+
+
+# ---------------------------------------------------------------------------
+# tree_verify_layout with bad metadata
+# ---------------------------------------------------------------------------
+
+from dspark_kernels.ops import tree_verify_layout as tvl_op  # noqa: E402
+from dspark_kernels.reference.verify_attention import tree_bits  # noqa: E402
+
+
+def layout_case(i: int) -> dict:
+    g = torch.Generator().manual_seed(6000 + i)
+    R, N = _rand(g, 1, 6), _rand(g, 0, 64)
+    x = dict(tree_parents=_bad_ints(g, (R, N), -1, N + 1).to(torch.int32),
+             num_nodes=_bad_ints(g, (R,), 0, N + 1).to(torch.int32),
+             start_pos=_bad_ints(g, (R,), 0, 2**31 - 1).to(torch.int32), num_rows=_rand(g, 0, R * (N + 1) + 5))
+    if i % 2:
+        x["cu_verify"] = _bad_ints(g, (R + 1,), 0, x["num_rows"] + 1).to(torch.int32)
+    return x
+
+
+@pytest.mark.parametrize("backend", available_backends(tvl_op))
+@pytest.mark.parametrize("i", range(CASES))
+def test_tree_verify_layout_never_leaks(backend, i):
+    """Every row is a well-formed tree row (bit j set for its local index j, none above), positions in
+    [0, 2^31), and every backend agrees with the reference."""
+    x = layout_case(i)
+    out = [t.cpu() for t in dk.tree_verify_layout(**{k: to_device(v) for k, v in x.items()}, backend=backend)]
+    ref = dk.tree_verify_layout(**x, backend="reference")
+    assert all(torch.equal(a, b) for a, b in zip(out, ref)), i
+    mask, pos, _ = out
+    N = x["tree_parents"].shape[1]
+    if not mask.shape[0]:
+        return
+    bits = tree_bits(mask, 32 * mask.shape[1])
+    assert bool(bits[:, 0].all()) and bool((pos >= 0).all())
+    top = (bits.long() * torch.arange(bits.shape[1])).amax(1)  # highest set bit of each row
+    assert bool((top <= N).all())
+    assert bool(bits.gather(1, top[:, None]).all())
+
+
+# ---------------------------------------------------------------------------
+# compact_accepted_kv with bad metadata
+# ---------------------------------------------------------------------------
+
+from dspark_kernels.ops import compact_accepted_kv as cak_op  # noqa: E402
+
+
+def compact_case(i: int) -> dict:
+    """Mostly real root paths (skipping a node now and then) on mostly valid pages, with bad entries mixed in:
+    nodes past N or out of order, negative or huge page ids, start positions past the table."""
+    g = torch.Generator().manual_seed(7000 + i)
+    R, N, P, S = _rand(g, 1, 5), _rand(g, 1, 9), _rand(g, 2, 9), _rand(g, 1, 6)
+    M = (N + 2 * S) // S + _rand(g, 0, 2)
+    steps = 1 + (torch.rand(R, N, generator=g) < 0.3).long()
+    nodes = torch.cumsum(steps, 1) - 1
+    nodes = torch.where(torch.rand(R, N, generator=g) < 0.05, _bad_ints(g, (R, N), 0, N), nodes)
+    start = torch.where(torch.rand(R, generator=g) < 0.8, torch.randint(0, S, (R,), generator=g),
+                        _bad_ints(g, (R,), 0, M * S))
+    return dict(k_cache=torch.randn(P, S, 2, 3, generator=g), v_cache=torch.randn(P, S, 2, 3, generator=g),
+                page_table=torch.where(torch.rand(R, M, generator=g) < 0.9, torch.randint(0, P, (R, M), generator=g),
+                                       _bad_ints(g, (R, M), 0, P)).to(torch.int32),
+                start_pos=start.to(torch.int32), accepted_nodes=nodes.to(torch.int32),
+                num_accepted=_bad_ints(g, (R,), 0, N + 1).to(torch.int32))
+
+
+@pytest.mark.parametrize("backend", available_backends(cak_op))
+@pytest.mark.parametrize("i", range(CASES))
+def test_compact_accepted_kv_never_leaks(backend, i):
+    """No out-of-bounds access (the interpreter and the reference would raise), and every backend writes the
+    reference's cache: bad paths move nothing, moves onto or from slots outside the table are skipped."""
+    x = compact_case(i)
+    want = {k: v.clone() for k, v in x.items()}
+    dk.compact_accepted_kv(**want, backend="reference")
+    got = {k: to_device(v.clone()) for k, v in x.items()}
+    dk.compact_accepted_kv(**got, backend=backend)
+    assert torch.equal(got["k_cache"].cpu(), want["k_cache"]) and torch.equal(got["v_cache"].cpu(), want["v_cache"])
+
+
+def test_compact_fuzz_cases_move_something():
+    moved = 0
+    for i in range(CASES):
+        x = compact_case(i)
+        before = x["k_cache"].clone()
+        dk.compact_accepted_kv(**x, backend="reference")
+        moved += not torch.equal(before, x["k_cache"])
+    assert moved >= CASES // 4

@@ -837,3 +837,115 @@ def test_nan_checks_are_on_for_every_backend(backend, value_checks_on):
         assert dk.schedule_verify(to_device(nan), to_device(SV_SPS), backend=backend).lengths.tolist() == [1, 2]
     finally:
         dk.set_value_checks(None)
+
+
+# --- tree_rejection_sample ------------------------------------------------------
+
+
+def _tree_good():
+    return MODULES["tree_rejection_sample"].example()
+
+
+def _tree_at(name, index, v):
+    def f(d):
+        t = d[name].clone()
+        t[index] = v
+        return {**d, name: t}
+    return f
+
+
+# The example: request 0 has 5 nodes (parents -1, -1, 0, 0, 2), request 1 none, request 2 four of 5.
+TREE_BAD = [
+    ("num_nodes_above_N", _tree_at("num_nodes", 1, 6), ValueError, "^num_nodes must lie in"),
+    ("num_nodes_negative", _tree_at("num_nodes", 1, -1), ValueError, "^num_nodes must lie in"),
+    ("cu_verify_inconsistent", _tree_at("cu_verify", 2, 8), ValueError, "^cu_verify must start at 0 and grow by "
+     "num_nodes"),
+    ("cu_verify_not_from_zero", _set("cu_verify", lambda t: t + 1), ValueError, "^cu_verify"),
+    ("rows_past_target_logits", _set("target_logits", lambda t: t[:-1]), ValueError, "^target_logits has 11 rows"),
+    ("parent_is_self", _tree_at("tree_parents", (0, 3), 3), ValueError, "^tree_parents.*node 3 has parent 3"),
+    ("parent_after_self", _tree_at("tree_parents", (2, 1), 3), ValueError, "^tree_parents.*request 2, node 1"),
+    ("parent_below_anchor", _tree_at("tree_parents", (0, 2), -2), ValueError, "^tree_parents.*parent -2"),
+    ("token_too_large", _tree_at("tree_tokens", (0, 4), 13), ValueError, "^tree_tokens holds token ids outside"),
+    ("token_negative", _tree_at("tree_tokens", (2, 0), -1), ValueError, "^tree_tokens holds token ids outside"),
+    ("target_logits_nan", _tree_at("target_logits", (3, 2), math.nan), ValueError, "^target_logits contains NaN"),
+    ("temperature_negative", _tree_at("temperature", 0, -1.0), ValueError, "^temperature must be >= 0"),
+    ("top_p_zero", _tree_at("top_p", 0, 0.0), ValueError, "^top_p must lie in"),
+    ("draft_probs_unnormalised", _set("draft_probs", lambda t: t * 1.5), ValueError, "^draft_probs rows.*sum to 1"),
+    ("draft_probs_negative", _tree_at("draft_probs", (0, 0, 0), -0.5), ValueError, "^draft_probs must be non-neg"),
+    ("siblings_differ", _set("draft_probs", lambda t: torch.softmax(torch.randn(t.shape), -1)), ValueError,
+     "^draft_probs rows of siblings must be equal"),
+    ("too_many_nodes", lambda d: {**d, "tree_tokens": torch.zeros(3, 65535, dtype=torch.int32),
+                                  "tree_parents": torch.zeros(3, 65535, dtype=torch.int32), "draft_probs": None},
+     ValueError, "^tree_tokens allows at most 65534 nodes"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS["tree_rejection_sample"])
+@pytest.mark.parametrize("mutate,exc,match", [row[1:] for row in TREE_BAD], ids=[row[0] for row in TREE_BAD])
+def test_tree_rejection_sample_bad_input_names_the_argument(mutate, exc, match, backend, value_checks_on):
+    with pytest.raises(exc, match=match):
+        call_on_device("tree_rejection_sample", backend, mutate(_tree_good()))
+
+
+def test_tree_rejection_sample_edge_values_pass(value_checks_on):
+    """Allowed: a node past num_nodes with any parent or token, and one-hot candidates that repeat
+    (exactness is kept: a repeat is never accepted)."""
+    d = _tree_good()
+    d["tree_parents"][2, 4] = 9  # past num_nodes[2] = 4: ignored
+    d["tree_tokens"][2, 4] = -7
+    d["tree_tokens"][0, 1] = d["tree_tokens"][0, 0]  # repeated root candidates
+    d["draft_probs"] = None
+    for backend in BACKENDS["tree_rejection_sample"]:
+        call_on_device("tree_rejection_sample", backend, d)
+
+
+# --- tree_verify_layout ---------------------------------------------------------
+
+LAYOUT_BAD = [
+    ("num_nodes_above_N", lambda d: _tree_at("num_nodes", 1, 6)(d), ValueError, "^num_nodes must lie in"),
+    ("cu_verify_inconsistent", _tree_at("cu_verify", 2, 8), ValueError, "^cu_verify must start at 0"),
+    ("num_rows_too_small", lambda d: {**d, "num_rows": 11}, ValueError, "^num_rows = 11 is smaller"),
+    ("num_rows_too_small_default_cu", lambda d: {**d, "cu_verify": None, "num_rows": 11}, ValueError,
+     "^num_rows = 11 is smaller than the batch: 12"),
+    ("parent_is_self", _tree_at("tree_parents", (0, 2), 2), ValueError, "^tree_parents.*node 2 has parent 2"),
+    ("parent_below_anchor", _tree_at("tree_parents", (2, 3), -3), ValueError, "^tree_parents.*parent -3"),
+    ("start_pos_negative", _tree_at("start_pos", 0, -1), ValueError, "^start_pos must be non-negative"),
+    ("start_pos_overflow", _tree_at("start_pos", 0, 2**31 - 3), ValueError, "^start_pos \\+ N must be < 2\\^31"),
+    ("too_many_nodes", lambda d: {**d, "tree_parents": torch.zeros(3, 64, dtype=torch.int32)}, ValueError,
+     "^tree_parents allows at most 63 nodes"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS["tree_verify_layout"])
+@pytest.mark.parametrize("mutate,exc,match", [row[1:] for row in LAYOUT_BAD], ids=[row[0] for row in LAYOUT_BAD])
+def test_tree_verify_layout_bad_input_names_the_argument(mutate, exc, match, backend, value_checks_on):
+    with pytest.raises(exc, match=match):
+        call_on_device("tree_verify_layout", backend, mutate(MODULES["tree_verify_layout"].example()))
+
+
+# --- compact_accepted_kv --------------------------------------------------------
+
+COMPACT_BAD = [
+    ("num_accepted_above_N", _tree_at("num_accepted", 1, 6), ValueError, "^num_accepted must lie in"),
+    ("num_accepted_negative", _tree_at("num_accepted", 0, -1), ValueError, "^num_accepted must lie in"),
+    ("path_not_increasing", _tree_at("accepted_nodes", (0, 1), 0), ValueError,
+     "^accepted_nodes.*strictly increasing.*request 0 has \\[0, 0, 4\\]"),
+    ("path_node_past_N", _tree_at("accepted_nodes", (2, 1), 5), ValueError, "^accepted_nodes.*request 2"),
+    ("path_node_negative", _tree_at("accepted_nodes", (2, 0), -1), ValueError, "^accepted_nodes.*request 2"),
+    ("start_pos_negative", _tree_at("start_pos", 1, -2), ValueError, "^start_pos must be non-negative"),
+    ("page_table_too_narrow", _set("page_table", lambda t: t[:, :1]), ValueError, "^page_table has 1 pages per "
+     "request but request 0 reads position 6"),
+    ("page_id_out_of_cache", _tree_at("page_table", (2, 0), 8), ValueError, "^page_table holds page ids outside"),
+    ("v_cache_dtype", _set("v_cache", lambda t: t.half()), TypeError, "^v_cache has dtype float16"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS["compact_accepted_kv"])
+@pytest.mark.parametrize("mutate,exc,match", [row[1:] for row in COMPACT_BAD], ids=[row[0] for row in COMPACT_BAD])
+def test_compact_accepted_kv_bad_input_names_the_argument(mutate, exc, match, backend, value_checks_on):
+    good = MODULES["compact_accepted_kv"].example()
+    before = good["k_cache"].clone()
+    bad = mutate(good)
+    with pytest.raises(exc, match=match):
+        call_on_device("compact_accepted_kv", backend, bad)
+    assert torch.equal(good["k_cache"], before)  # rejected before anything moved

@@ -11,6 +11,9 @@
 - ``dspark_kernels.engine.round``: ``DSparkRound``, the whole round on the device (draft, capacity,
   schedule, pack, the engine's target, verify, advance) with one CUDA graph per verify bucket;
   ``dspark_kernels.engine.capacity``: ``CapacityPipe``, the host's lagged copy of the capacity K.
+- ``dspark_kernels.engine.tree``: multi-chain drafting (b markov_draft chains per request as one tree for
+  tree_rejection_sample); ``dspark_kernels.engine.tree_demo``: the tree round on the demo's target
+  (``python -m dspark_kernels tree-demo``).
 - ``dspark_kernels.engine.demo``: the end-to-end demo (``python -m dspark_kernels demo``).
 - ``dspark_kernels.engine.simulator``: closed-loop serving simulator driving schedule_verify against
   step-time and acceptance models (``python -m dspark_kernels simulate --out DIR``).

@@ -433,17 +433,25 @@ DESCRIPTION = (
 )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The demo's options, on ``p`` (its own parser, or the CLI's ``demo`` subcommand)."""
-    p.add_argument("--rounds", type=int, default=200, help="rounds per Markov-head run (default 200)")
-    p.add_argument("--sched-rounds", type=int, default=100, help="rounds per scheduling policy (default 100)")
-    p.add_argument("--requests", type=int, default=64, help="requests per batch (default 64)")
-    p.add_argument("--gamma", type=int, default=5, help="drafts per request per round (default 5)")
+def add_target_arguments(p: argparse.ArgumentParser, *, rounds: int, rounds_help: str, requests: int,
+                         gamma: int, gamma_help: str) -> argparse.ArgumentParser:
+    """The options every demo on the synthetic target shares (this one and engine.tree_demo)."""
+    p.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default {rounds})")
+    p.add_argument("--requests", type=int, default=requests, help=f"requests per batch (default {requests})")
+    p.add_argument("--gamma", type=int, default=gamma, help=f"{gamma_help} (default {gamma})")
     p.add_argument("--vocab", type=int, default=48, help="vocabulary size (default 48)")
     p.add_argument("--rank", type=int, default=16, help="rank of the Markov head (default 16)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the target and the sampling (default 0)")
     p.add_argument("--backend", default=None, help="auto | reference | triton | cuda (default: DSPARK_BACKEND or auto)")
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The demo's options, on ``p`` (its own parser, or the CLI's ``demo`` subcommand)."""
+    add_target_arguments(p, rounds=200, rounds_help="rounds per Markov-head run", requests=64, gamma=5,
+                         gamma_help="drafts per request per round")
+    p.add_argument("--sched-rounds", type=int, default=100, help="rounds per scheduling policy (default 100)")
     return p
 
 

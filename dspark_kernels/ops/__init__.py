@@ -12,6 +12,9 @@ OPS = (
     "append_verify_kv",
     "verify_attention",
     "rejection_sample",
+    "tree_rejection_sample",
+    "tree_verify_layout",
+    "compact_accepted_kv",
     "advance",
     "philox_uniform",
 )

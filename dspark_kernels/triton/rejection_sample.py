@@ -491,13 +491,10 @@ def _race_kernel(
 
 
 @triton.jit
-def _merge_kernel(
-    part_f_ptr, part_i_ptr, walk_ptr, drafts_ptr, stride_dr, stride_dj, tokens_ptr, stride_out, nacc_ptr,
-    gamma, num_slices, BLOCK_S: tl.constexpr,
-):
-    r = tl.program_id(0).to(tl.int64)
-    n_acc = tl.load(walk_ptr + r * 2).to(tl.int64)
-    direct = tl.load(walk_ptr + r * 2 + 1)
+def merged_token(part_f_ptr, part_i_ptr, r, num_slices, direct, BLOCK_S: tl.constexpr):
+    """The residual/bonus token of request r from its num_slices race slices (kernel 2's partials: per slice
+    [best residual key, best p key, residual mass] and their ids), or ``direct`` when it is not -2 (a token
+    the walk settled without a race). Shared with the tree sampler, whose race writes the same partials."""
     best_w = tl.full((), float("-inf"), tl.float32)
     arg_w = tl.full((), 0, tl.int32)
     best_p = tl.full((), float("-inf"), tl.float32)
@@ -527,6 +524,18 @@ def _merge_kernel(
     # Without residual mass the reference falls back to p_t (same stream).
     y = tl.where(mass > 0, arg_w, arg_p).to(tl.int64)
     y = tl.where(direct != -2, direct.to(tl.int64), y)
+    return y
+
+
+@triton.jit
+def _merge_kernel(
+    part_f_ptr, part_i_ptr, walk_ptr, drafts_ptr, stride_dr, stride_dj, tokens_ptr, stride_out, nacc_ptr,
+    gamma, num_slices, BLOCK_S: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    n_acc = tl.load(walk_ptr + r * 2).to(tl.int64)
+    direct = tl.load(walk_ptr + r * 2 + 1)
+    y = merged_token(part_f_ptr, part_i_ptr, r, num_slices, direct, BLOCK_S)
     out = tokens_ptr + r * stride_out
     for j in range(0, gamma + 1):
         d = tl.load(drafts_ptr + r * stride_dr + j * stride_dj, mask=j < n_acc, other=-1)
