@@ -105,7 +105,7 @@ setup(
     packages=find_packages(include=["dspark_kernels", "dspark_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist"], "triton": ["triton"]},
     ext_modules=[Extension("dspark_kernels._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["dspark-demo=dspark_kernels.engine.demo:main"]},
