@@ -133,14 +133,16 @@ def _keys(c, r, positions):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("page_size", [1, 5, 16])
-def test_end_to_end_with_verify_attention(backend, page_size):
+@pytest.mark.parametrize("page_size, window", [(1, -1), (5, -1), (16, -1), (5, 4), (16, 9)])
+def test_end_to_end_with_verify_attention(backend, page_size, window):
+    # With a sliding window, a tree row must see exactly what its root path sees verified as a chain: the
+    # window counts the path's positions (context, then ancestors), not the block's cache slots.
     c = _attention_case(seed=page_size, page_size=page_size)
     lay = call(backend, tree_parents=c["parents"], num_nodes=c["num_nodes"], start_pos=c["ctx"].to(torch.int32),
                cu_verify=c["cu"], num_rows=c["q"].shape[0])
     out = dk.verify_attention(*(to_device(t) for t in (c["q"], c["k"], c["v"], c["page_table"], c["kv_lens"],
                                                      c["cu"])), tree_mask=to_device(lay.tree_mask),
-                              backend=backend).cpu()
+                              window=window, backend=backend).cpu()
     R = c["parents"].shape[0]
     hq, dim = c["q"].shape[1:]
     group = hq // c["k"].shape[2]
@@ -158,7 +160,8 @@ def test_end_to_end_with_verify_attention(backend, page_size):
             vv = vv.double().repeat_interleave(group, 1)
             s = torch.einsum("hd,khd->hk", qq, kk) / math.sqrt(dim)
             want = torch.einsum("hk,khd->hd", torch.softmax(s, -1), vv)
-            assert torch.allclose(out[int(c["cu"][r]) + j].double(), want, atol=2e-5), (r, j)
+            if window == -1:  # the dense check has no window; the chain check below has the same one
+                assert torch.allclose(out[int(c["cu"][r]) + j].double(), want, atol=2e-5), (r, j)
             # The same row as the last query of its root path verified alone as a chain (no mask).
             chain_rows = len(seen)
             pt = torch.zeros(1, math.ceil(len(path) / page_size) + 1, dtype=torch.int32)
@@ -171,7 +174,8 @@ def test_end_to_end_with_verify_attention(backend, page_size):
             qc = torch.zeros(chain_rows, hq, dim)
             qc[-1] = c["q"][int(c["cu"][r]) + j]
             chain = dk.verify_attention(qc, kc, vc, pt, torch.tensor([len(path)], dtype=torch.int32),
-                                        torch.tensor([0, chain_rows], dtype=torch.int32), backend="reference")
+                                        torch.tensor([0, chain_rows], dtype=torch.int32), window=window,
+                                        backend="reference")
             assert torch.allclose(chain[-1], out[int(c["cu"][r]) + j], atol=2e-5), (r, j)
 
 

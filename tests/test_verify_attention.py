@@ -65,13 +65,16 @@ def dense(args, parents, *, sm_scale=None, window=-1, softcap=0.0, dtype=torch.f
         keys = torch.stack([kc[a["page_table"][r, p // page_size], p % page_size] for p in range(L)])
         vals = torch.stack([vc[a["page_table"][r, p // page_size], p % page_size] for p in range(L)])
         mask = torch.zeros(n, L, dtype=torch.bool)
+        seen_of = [set(range(t + 1)) if parents[r] is None else ancestors(parents[r], t) for t in range(n)]
+        # Logical positions: context key kp at kp, block row j at ctx + its depth (= j on a chain), so a
+        # window counts the row's own text (the same path verified as a chain sees the same keys).
+        logical = [kp if kp < ctx else ctx + len(seen_of[kp - ctx]) - 1 for kp in range(L)]
         for t in range(n):
-            pos = ctx + t
-            seen = set(range(t + 1)) if parents[r] is None else ancestors(parents[r], t)
+            pos = ctx + len(seen_of[t]) - 1
             for kp in range(L):
-                ok = kp < ctx or (kp - ctx) in seen
+                ok = kp < ctx or (kp - ctx) in seen_of[t]
                 if window > 0:
-                    ok = ok and pos - window < kp <= pos
+                    ok = ok and pos - window < logical[kp] <= pos
                 mask[t, kp] = ok
         for h in range(hq):
             kh = h // (hq // hkv)

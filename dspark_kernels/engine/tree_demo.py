@@ -24,11 +24,10 @@ transitions follow the target's exact conditionals (the demo's chi-square
 test, transition_test). The same rounds with b = 1 are the chain, beside
 which the demo reports the mean accepted length.
 
-The attention layer runs without its sliding window here: verify_attention's
-window counts cache positions (a row at block index j sees context keys
-> start + j - window), while a tree row at block index j sits at depth d <= j
-of its own text, where the window should reach keys > start + d - window; a
-windowed tree would lose up to j - d context keys per row.
+The attention layer keeps its sliding window (32 keys): verify_attention
+counts a window over each row's own text (context, then its ancestors), so a
+tree row at block index j and depth d sees the keys its root path would see
+verified as a chain, which the sequential recompute checks every round.
 """
 
 from __future__ import annotations
@@ -182,7 +181,6 @@ def run_tree_demo(args: argparse.Namespace) -> int:
     """The tree demo on parsed options; 0 if every check passes, else 1."""
     torch.set_num_threads(1)  # tiny tensors: OpenMP spin-waits cost more than the work (demo.py measured 10x)
     target = SyntheticTarget(args.vocab, args.rank, args.temperature, args.seed)
-    target.layer.window = -1  # see the module docstring: verify_attention's window counts cache positions
     print(f"DSpark tree demo: V={args.vocab}, {args.chains} chains x γ={args.gamma} per request, {args.requests} "
           f"requests x {args.rounds} rounds, T={args.temperature}, backend={args.backend or 'auto'}")
     ok = True

@@ -142,12 +142,18 @@ def verify_attention(
 
     Math (request r, its rows cu_verify[r] .. cu_verify[r+1]-1, n = n_r of
     them, L = kv_lens[r] keys of which the last n are the block, C = L - n):
-    local query t (key position p = C + t) sees key position k iff
+    local query t at logical position p = C + d_t sees key position k iff
 
         (k < C  or  [tree_mask is None and k - C <= t]
                 or  [tree_mask given and bit (k - C) of row cu_verify[r]+t is set])
-        and (window == -1  or  p - window < k <= p).
+        and (window == -1  or  pos(k) > p - window),
 
+    where pos(k) = k for a context key and C + d_j for block key j = k - C,
+    and d_t = t on a chain or, with a tree, row t's depth: its set bits minus
+    one (the anchor is depth 0). So a window counts the positions of the
+    row's own text (its context, then its ancestors), not cache slots: a tree
+    row deep in a wide block sees as much context as the same path verified
+    as a chain. On a chain pos(k) = k and p = C + t, the plain sliding window.
     Bit j of a tree row lives in word j // 32, bit j % 32; row t must set bit t
     and no bit j > t (the block is in topological order: ancestors first).
     Logits z = sm_scale * q·k (sm_scale default 1/sqrt(D)); with softcap > 0,

@@ -72,12 +72,18 @@ def verify_attention(a):
         j = kpos - ctx  # index inside the block; negative for context keys
         if tree_mask is None:
             block = j[None, :] <= t[:, None]
+            depth = t
         else:
             bits = tree_bits(tree_mask[a:b], tree_len)
             block = bits.gather(1, j.clamp(0, tree_len - 1)[None, :].expand(n, -1)) & (j < tree_len)[None, :]
+            depth = bits.sum(1) - 1  # ancestors in the block, the anchor included: the row's depth
         visible = ((j[None, :] < 0) | block) & key_ok[None, :]
         if window > 0:
-            visible &= kpos[None, :] > (ctx + t)[:, None] - window
+            # The window is over logical positions: row t sits at ctx + depth_t, block key j at ctx + depth_j
+            # (both = cache positions on a chain), context keys at their own position.
+            key_depth = depth.gather(0, j.clamp(0, n - 1))
+            logical = torch.where(j >= 0, ctx + key_depth, kpos)
+            visible &= logical[None, :] > (ctx + depth)[:, None] - window
         s = s.masked_fill(~visible, float("-inf"))
         row_lse = torch.logsumexp(s, dim=-1)  # [Hkv, G, n]; -inf only for a row that sees no key
         p = torch.exp(s - row_lse.masked_fill(row_lse == float("-inf"), 0.0)[..., None])

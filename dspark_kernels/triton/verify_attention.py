@@ -54,6 +54,16 @@ def _tanh(x):
 
 
 @triton.jit
+def _popcount(w):
+    """Set bits of each int32 word (SWAR on the unsigned bits: 5 shifts, 3 masks, 1 multiply)."""
+    x = w.to(tl.uint32, bitcast=True)
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
 def _verify_attn_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, kvlen_ptr, cu_ptr, tree_ptr,
     scale, softcap, window, head_dim, num_rows, num_pages, max_keys,
@@ -104,11 +114,16 @@ def _verify_attn_kernel(
         row = (row0 + t).to(tl.int64)
         q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh
                     + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qpos = ctx + t
         if TREE_WORDS > 0:
             w0 = tl.load(tree_ptr + row * stride_tt, mask=row_ok, other=0)
+            depth = _popcount(w0)
             if TREE_WORDS > 1:
                 w1 = tl.load(tree_ptr + row * stride_tt + stride_tw, mask=row_ok, other=0)
-        qpos = ctx + t
+                depth += _popcount(w1)
+            # A tree row's logical position is ctx + depth (its ancestors in the block, the anchor
+            # included, are depth + 1 bits): the window is over logical positions.
+            qpos = ctx + depth - 1
 
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -144,7 +159,17 @@ def _verify_attn_kernel(
                 visible = j[None, :] <= t[:, None]
             visible = visible & k_ok[None, :]
             if HAS_WINDOW:
-                visible = visible & (kpos[None, :] > qpos[:, None] - window)
+                lpos = kpos
+                if TREE_WORDS > 0:
+                    # Block key j's logical position is ctx + its depth (its tree row's bits - 1): a masked gather
+                    # of at most n <= 64 words, and nothing for context keys.
+                    in_block = (j >= 0) & (j < n)
+                    krow = (row0 + tl.where(in_block, j, 0)).to(tl.int64)
+                    kd = _popcount(tl.load(tree_ptr + krow * stride_tt, mask=in_block, other=0))
+                    if TREE_WORDS > 1:
+                        kd += _popcount(tl.load(tree_ptr + krow * stride_tt + stride_tw, mask=in_block, other=0))
+                    lpos = tl.where(in_block, ctx + kd - 1, kpos)
+                visible = visible & (lpos[None, :] > qpos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
