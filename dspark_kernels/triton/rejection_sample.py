@@ -556,14 +556,11 @@ def _slices(num_req: int, vocab: int, mode: int, has_dtp: bool) -> tuple[int, in
     return width, triton.cdiv(vocab, width)
 
 
-def rejection_sample(a):
+def row_statistics(a, num_rows: int, vocab: int, num_req: int):
+    """Kernel 1 over every target row (one program per row, rows mapped to requests in the kernel):
+    (logits with a unit last stride, stats_f [rows, 4], stats_i [rows, 3], top-k/top-p candidates). The
+    tree sampler runs the same pass on its rows, so both read each target row once for its statistics."""
     device = a.target_logits.device
-    num_rows, vocab = a.target_logits.shape
-    num_req, gamma = a.draft_tokens.shape
-    tokens = torch.empty((num_req, gamma + 1), dtype=torch.int32, device=device)
-    num_accepted = torch.empty((num_req,), dtype=torch.int32, device=device)
-    if num_req == 0:
-        return tokens, num_accepted
     logits = _unit_last_stride(a.target_logits)
     filters = a.top_k is not None or a.top_p is not None
     stats_f = torch.empty((max(num_rows, 1), 4), dtype=torch.float32, device=device)
@@ -579,6 +576,18 @@ def rejection_sample(a):
             HAS_TOPK=a.top_k is not None, HAS_TOPP=a.top_p is not None, LOG_R=max(1, num_req.bit_length()),
             BLOCK=BLOCK_V, CAP=CAP, num_warps=8 if filters else 4,
         )
+    return logits, stats_f, stats_i, cand
+
+
+def rejection_sample(a):
+    device = a.target_logits.device
+    num_rows, vocab = a.target_logits.shape
+    num_req, gamma = a.draft_tokens.shape
+    tokens = torch.empty((num_req, gamma + 1), dtype=torch.int32, device=device)
+    num_accepted = torch.empty((num_req,), dtype=torch.int32, device=device)
+    if num_req == 0:
+        return tokens, num_accepted
+    logits, stats_f, stats_i, cand = row_statistics(a, num_rows, vocab, num_req)
     mode = 1 if a.draft_probs is not None else (2 if a.draft_logits is not None else 0)
     has_dtp = a.draft_token_probs is not None
     width, num_slices = _slices(num_req, vocab, mode, has_dtp)

@@ -33,8 +33,7 @@ import triton.language as tl
 
 from .. import constants as C
 from . import rng
-from .rejection_sample import (BLOCK_V, CAP, _INT32_MIN, _NO_KTH_ID, _row_kernel, _slices, _target_prob,
-                               _unit_last_stride, merged_token)
+from .rejection_sample import BLOCK_V, _INT32_MIN, _NO_KTH_ID, _slices, _target_prob, merged_token, row_statistics
 from .sampling import argmax_update, greedy_and_inverse, scaled_tile_mul
 
 STREAM_ACCEPT = tl.constexpr(C.STREAM_ACCEPT)
@@ -265,21 +264,7 @@ def tree_rejection_sample(a):
     nodes = torch.empty((num_req, n_max), dtype=torch.int32, device=device)
     if num_req == 0:
         return tokens, num_accepted, nodes
-    logits = _unit_last_stride(a.target_logits)
-    filters = a.top_k is not None or a.top_p is not None
-    stats_f = torch.empty((max(num_rows, 1), 4), dtype=torch.float32, device=device)
-    stats_i = torch.empty((max(num_rows, 1), 3), dtype=torch.int32, device=device)
-    cand = torch.empty((max(num_rows, 1) if filters else 1, CAP), dtype=torch.int64, device=device)
-    topk = a.top_k if a.top_k is not None else a.temperature
-    topp = a.top_p if a.top_p is not None else a.temperature
-    if num_rows:
-        _row_kernel[(num_rows,)](
-            logits, logits.stride(0), num_rows, vocab, a.cu_verify, a.cu_verify.stride(0), num_req,
-            a.temperature, a.temperature.stride(0), topk, topk.stride(0), topp, topp.stride(0),
-            stats_f, stats_i, cand, cand.view(torch.int32),
-            HAS_TOPK=a.top_k is not None, HAS_TOPP=a.top_p is not None, LOG_R=max(1, num_req.bit_length()),
-            BLOCK=BLOCK_V, CAP=CAP, num_warps=8 if filters else 4,
-        )
+    logits, stats_f, stats_i, cand = row_statistics(a, num_rows, vocab, num_req)
     stochastic = a.draft_probs is not None
     dprobs = a.draft_probs if stochastic else stats_f[None]  # never read without draft_probs (constexpr)
     walk_i = torch.empty((num_req, WALK_WORDS.value), dtype=torch.int32, device=device)

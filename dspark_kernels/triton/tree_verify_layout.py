@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .ragged import row_owner
+
 from ..reference.pack_verify import MAX_POSITION, search_steps
 from ..reference.tree_verify_layout import default_cu_verify
 
@@ -32,21 +34,8 @@ def _layout_kernel(
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_bucket = t < num_rows
     t64 = t.to(tl.int64)
-    # Upper-bound binary search over cu[1:], pack_verify's (and the reference's owner_of_rows) step for step.
-    last = tl.maximum(num_req - 1, 0)
-    lo = tl.zeros([BLOCK], dtype=tl.int32)
-    hi = tl.zeros([BLOCK], dtype=tl.int32) + num_req
-    for _ in range(search_steps):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        end = tl.load(cu_ptr + (tl.minimum(mid, last) + 1).to(tl.int64) * stride_cu, mask=active, other=0)
-        right = end.to(tl.int64) <= t64
-        lo = tl.where(active & right, mid + 1, lo)
-        hi = tl.where(active & (~right), mid, hi)
-    r = lo
-    total = tl.load(cu_ptr + num_req.to(tl.int64) * stride_cu).to(tl.int64)
+    r, rc, total = row_owner(cu_ptr, stride_cu, num_req, t64, search_steps, BLOCK)
     live = in_bucket & (r < num_req) & (t64 < total)
-    rc = tl.minimum(r, last).to(tl.int64)
     begin = tl.load(cu_ptr + rc * stride_cu, mask=live, other=0).to(tl.int64)
     j = tl.minimum(tl.maximum(t64 - begin, 0), n_max)
 
