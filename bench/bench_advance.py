@@ -46,7 +46,6 @@ QUICK_GAMMA = [5]
 SMOKE_R = [3]
 SMOKE_GAMMA = [4]
 VOCAB = 151936
-GRAPH_SUFFIX = "+graph"
 
 
 def make_case(R: int, gamma: int, device: torch.device) -> harness.Case:
@@ -80,30 +79,8 @@ def make_case(R: int, gamma: int, device: torch.device) -> harness.Case:
     )
 
 
-def _public_call(backend: str):
-    def call(x: dict, backend: str, case: harness.Case):
-        import dspark_kernels as dk
-
-        return dk.advance(**x, backend=backend)
-
-    return harness.public_op_provider(OP, backend, call)
-
-
-def _graph_call(backend: str):
-    return harness.graph_provider(_public_call(backend))
-
-
 def providers() -> list[harness.Provider]:
-    note = "public op captured once in a CUDA graph, then replayed"
-    return [
-        harness.Provider(harness.REFERENCE_EAGER, _public_call("reference"), note='backend="reference"'),
-        harness.Provider("reference-compiled", harness.compiled_reference("advance"),
-                         note="torch.compile(dspark_kernels.reference.advance.advance)"),
-        harness.Provider("triton", _public_call("triton"), note='backend="triton"'),
-        harness.Provider(harness.REFERENCE_EAGER + GRAPH_SUFFIX, _graph_call("reference"),
-                         note='backend="reference"; ' + note),
-        harness.Provider("triton" + GRAPH_SUFFIX, _graph_call("triton"), note='backend="triton"; ' + note),
-    ]
+    return harness.keyword_providers(OP)
 
 
 def parser():

@@ -34,7 +34,6 @@ SMOKE_TEST = ([], ("R", "N"))
 FULL_R, FULL_N = [8, 64, 256], [12, 28, 63]
 QUICK_R, QUICK_N = [3, 8], [12]
 SMOKE_R, SMOKE_N = [3], [6]
-GRAPH_SUFFIX = "+graph"
 
 
 def random_parents_tensor(R: int, N: int, g: torch.Generator) -> torch.Tensor:
@@ -65,30 +64,8 @@ def make_case(R: int, N: int, device: torch.device) -> harness.Case:
     )
 
 
-def _public_call(backend: str):
-    def call(x: dict, backend: str, case: harness.Case):
-        import dspark_kernels as dk
-
-        return dk.tree_verify_layout(**x, backend=backend)
-
-    return harness.public_op_provider(OP, backend, call)
-
-
-def _graph_call(backend: str):
-    return harness.graph_provider(_public_call(backend))
-
-
 def providers() -> list[harness.Provider]:
-    note = "public op captured once in a CUDA graph, then replayed"
-    return [
-        harness.Provider(harness.REFERENCE_EAGER, _public_call("reference"), note='backend="reference"'),
-        harness.Provider("reference-compiled", harness.compiled_reference(OP),
-                         note="torch.compile(dspark_kernels.reference.tree_verify_layout.tree_verify_layout)"),
-        harness.Provider("triton", _public_call("triton"), note='backend="triton"'),
-        harness.Provider(harness.REFERENCE_EAGER + GRAPH_SUFFIX, _graph_call("reference"),
-                         note='backend="reference"; ' + note),
-        harness.Provider("triton" + GRAPH_SUFFIX, _graph_call("triton"), note='backend="triton"; ' + note),
-    ]
+    return harness.keyword_providers(OP)
 
 
 def parser():

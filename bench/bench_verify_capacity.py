@@ -84,32 +84,8 @@ def make_case(R: int, gamma: int, device: torch.device) -> harness.Case:
     )
 
 
-def _public_call(backend: str):
-    def call(x: dict, backend: str, case: harness.Case):
-        import dspark_kernels as dk
-
-        return dk.verify_capacity(x["history"], x["sps"], backend=backend)
-
-    return harness.public_op_provider(OP, backend, call)
-
-
-def _graph_call(backend: str):
-    return harness.graph_provider(_public_call(backend))
-
-
 def providers() -> list[harness.Provider]:
-    graph_note = ("public op captured once in a CUDA graph, then replayed; per-call time = one replay between "
-                  "CUDA events; graph_back_to_back_us = N queued replays / N")
-    return [
-        harness.Provider(harness.REFERENCE_EAGER, _public_call("reference"),
-                         note='dspark_kernels.verify_capacity(backend="reference")'),
-        harness.Provider("reference-compiled", harness.compiled_reference("verify_capacity"),
-                         note="torch.compile(dspark_kernels.reference.verify_capacity.verify_capacity)"),
-        harness.Provider("triton", _public_call("triton"), note='backend="triton"'),
-        harness.Provider(harness.REFERENCE_EAGER + GRAPH_SUFFIX, _graph_call("reference"),
-                         note='backend="reference"; ' + graph_note),
-        harness.Provider("triton" + GRAPH_SUFFIX, _graph_call("triton"), note='backend="triton"; ' + graph_note),
-    ]
+    return harness.keyword_providers(OP)
 
 
 def evaluate_goal(report: dict) -> dict:

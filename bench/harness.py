@@ -878,6 +878,32 @@ def compiled_reference(op_module: str, extra: Callable[[Case], dict] | None = No
     return factory
 
 
+def keyword_providers(op: str, note: str = "") -> list:
+    """The usual providers of an op whose inputs dict is exactly its keyword arguments:
+    reference-eager, reference-compiled, triton (``dspark_kernels.<op>(**x, backend=...)``) and, on CUDA,
+    the two eager ones captured once in a CUDA graph and replayed ("+graph"). note: appended to each."""
+
+    def public(backend: str):
+        def call(x: dict, backend: str, case: Case):
+            import dspark_kernels as dk
+
+            return getattr(dk, op)(**x, backend=backend)
+
+        return public_op_provider(op, backend, call)
+
+    graph = "public op captured once in a CUDA graph, then replayed; per-call time = one replay between CUDA events"
+    tail = f"; {note}" if note else ""
+    return [
+        Provider(REFERENCE_EAGER, public("reference"), note=f'backend="reference"{tail}'),
+        Provider("reference-compiled", compiled_reference(op),
+                 note=f"torch.compile(dspark_kernels.reference.{op}.{op}){tail}"),
+        Provider("triton", public("triton"), note=f'backend="triton"{tail}'),
+        Provider(REFERENCE_EAGER + "+graph", graph_provider(public("reference")),
+                 note=f'backend="reference"; {graph}{tail}'),
+        Provider("triton+graph", graph_provider(public("triton")), note=f'backend="triton"; {graph}{tail}'),
+    ]
+
+
 def r_gamma_parser(description: str, full_r: list, full_gamma: list) -> argparse.ArgumentParser:
     """common_parser plus --R and --gamma comma lists (the shape grid of most ops)."""
     p = common_parser(description)

@@ -108,3 +108,28 @@ def ragged_offsets(cu_verify: torch.Tensor, lengths: torch.Tensor, gamma: int) -
             "(anchor + drafts), or by 0 for an inactive request"
         )
     return cu
+
+
+def verify_target(a, total: int) -> None:
+    """The target side of a verification sampler (rejection_sample, tree_rejection_sample): its first
+    `total` logits rows, temperature and top_p."""
+    logits_rows("target_logits", a.target_logits[:total])
+    temperatures("temperature", a.temperature)
+    if a.top_p is not None:
+        not_nan("top_p", a.top_p)
+        if bool(((a.top_p <= 0) | (a.top_p > 1)).any()):
+            raise ValueError("top_p must lie in (0, 1]")
+
+
+def distribution_rows(name: str, probs: torch.Tensor, live: torch.Tensor, what: str) -> None:
+    """probs [..., V] finite and non-negative, and its rows where `live` sum to 1 within 1e-2: that admits
+    probabilities rounded to bf16 (relative 2^-9 per element) and catches logits or unnormalised weights
+    passed by mistake, with which the residual would not be lossless. `what` names the rows (drafts, nodes)."""
+    finite(name, probs)
+    if bool((probs < 0).any()):
+        raise ValueError(f"{name} must be non-negative")
+    sums = probs[live].double().sum(-1)
+    tol = 1e-2
+    if sums.numel() and float((sums - 1).abs().max()) > tol:
+        raise ValueError(f"{name} rows of live {what} must sum to 1 (within {tol}): the residual would not be "
+                         f"lossless; got sums from {float(sums.min()):.6g} to {float(sums.max()):.6g}")

@@ -30,23 +30,9 @@ def _values(a):
         raise ValueError(f"target_logits has {num_rows} rows but cu_verify needs {int(cu[-1])}")
     live = torch.arange(gamma, device=a.draft_tokens.device)[None, :] < a.lengths[:, None]
     _checks.ids_in_range("draft_tokens", a.draft_tokens[live], vocab)
-    _checks.logits_rows("target_logits", a.target_logits[: int(cu[-1])])
-    _checks.temperatures("temperature", a.temperature)
-    if a.top_p is not None:
-        _checks.not_nan("top_p", a.top_p)
-        if bool(((a.top_p <= 0) | (a.top_p > 1)).any()):
-            raise ValueError("top_p must lie in (0, 1]")
+    _checks.verify_target(a, int(cu[-1]))
     if a.draft_probs is not None:
-        _checks.finite("draft_probs", a.draft_probs)
-        if bool((a.draft_probs < 0).any()):
-            raise ValueError("draft_probs must be non-negative")
-        # 1e-2 admits probabilities rounded to bf16 (relative 2^-9 per element) and catches logits or
-        # unnormalised weights passed by mistake.
-        sums = a.draft_probs[live].double().sum(-1)
-        tol = 1e-2
-        if sums.numel() and float((sums - 1).abs().max()) > tol:
-            raise ValueError(f"draft_probs rows of live drafts must sum to 1 (within {tol}): the residual would "
-                             f"not be lossless; got sums from {float(sums.min()):.6g} to {float(sums.max()):.6g}")
+        _checks.distribution_rows("draft_probs", a.draft_probs, live, "drafts")
     if a.draft_token_probs is not None:
         _checks.finite("draft_token_probs", a.draft_token_probs)
         if bool((a.draft_token_probs[live] <= 0).any()) or bool((a.draft_token_probs > 1).any()):

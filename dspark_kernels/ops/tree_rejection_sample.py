@@ -86,21 +86,9 @@ def _values(a):
     live = check_tree_parents(a.tree_parents, nn)
     parents = a.tree_parents.to(torch.int64)
     _checks.ids_in_range("tree_tokens", a.tree_tokens[live], vocab)
-    _checks.logits_rows("target_logits", a.target_logits[: int(cu[-1])])
-    _checks.temperatures("temperature", a.temperature)
-    if a.top_p is not None:
-        _checks.not_nan("top_p", a.top_p)
-        if bool(((a.top_p <= 0) | (a.top_p > 1)).any()):
-            raise ValueError("top_p must lie in (0, 1]")
+    _checks.verify_target(a, int(cu[-1]))
     if a.draft_probs is not None:
-        _checks.finite("draft_probs", a.draft_probs)
-        if bool((a.draft_probs < 0).any()):
-            raise ValueError("draft_probs must be non-negative")
-        sums = a.draft_probs[live].double().sum(-1)
-        tol = 1e-2  # as rejection_sample: admits bf16-rounded rows, catches logits passed by mistake
-        if sums.numel() and float((sums - 1).abs().max()) > tol:
-            raise ValueError(f"draft_probs rows of live nodes must sum to 1 (within {tol}): the residual would not "
-                             f"be lossless; got sums from {float(sums.min()):.6g} to {float(sums.max()):.6g}")
+        _checks.distribution_rows("draft_probs", a.draft_probs, live, "nodes")
         first = first_children(parents, live).clamp(max=n_max - 1)
         req = torch.arange(num_req, device=nn.device)[:, None]
         diff = (a.draft_probs.float() - a.draft_probs[req, first].float()).abs().amax(dim=-1)
