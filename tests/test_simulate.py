@@ -95,40 +95,72 @@ def _worst_gap(dspark_curves, base, samples=60):
 
 
 @pytest.mark.parametrize("profile", DEFAULT_PROFILES)
-def test_dspark_frontier_on_or_above_mtp1_and_fixed_gamma_at_equal_drafting_cost(equal_draft, profile):
-    """The scheduler's claim, isolated: with every drafter costing the same, DSpark's frontier (at each
-    per-user speed the better of causal and async) is on or above MTP-1's, fixed γ=3's and γ=5's."""
+def test_async_frontier_on_or_above_mtp1_and_fixed_gamma_at_equal_drafting_cost(equal_draft, profile):
+    """The scheduler's claim, isolated: with every drafter costing what MTP-1's does, DSpark-async's
+    frontier (the paper's production scheduler, §5.2) is on or above MTP-1's, fixed γ=3's and γ=5's at every
+    per-user speed both reach."""
     for workload in WORKLOADS:
-        dspark = [_by(equal_draft.points, profile, workload, m) for m in ("causal", "async")]
+        asy = [_by(equal_draft.points, profile, workload, "async")]
         for base in ("mtp1", "fixed3", "fixed5"):
-            gap, s = _worst_gap(dspark, _by(equal_draft.points, profile, workload, base))
+            gap, s = _worst_gap(asy, _by(equal_draft.points, profile, workload, base))
             assert gap > -1.0, (profile, workload, base, f"{gap:.2f} tolerances below at {s:.1f} tok/s/user")
 
 
-def test_dspark_frontier_on_or_above_baselines_on_the_moe_profile_with_its_drafting_cost(modelled):
-    """deepseek-v3@h200 with the DSpark drafter's own cost: async alone is on or above MTP-1 at every
-    per-user speed, and DSpark's frontier (better of the modes) on or above every baseline."""
-    profile = "deepseek-v3@h200"
+# The one frontier cell where DSpark-async with its own drafter falls below a baseline (README): chat on
+# the MoE at its KV-cache limit, where verification is compute-bound, the scheduler verifies 1.7 drafts a
+# request, and drafting 5 positions through 3 MoE layers costs more than the extra accepted drafts return.
+DRAFT_COST_EXCEPTION = ("deepseek-v3@h200", "chat", "mtp1")
+
+
+def test_async_frontier_on_or_above_baselines_with_its_drafting_cost(modelled):
+    """Both default profiles with the DSpark drafter's own cost (the paper's drafter sizes): async is on or
+    above every baseline at every per-user speed, except DRAFT_COST_EXCEPTION, which is pinned: a deficit
+    of 0-5 % and only at the largest simulated concurrency (the equal-cost test shows it is the drafter's)."""
+    for profile in DEFAULT_PROFILES:
+        for workload in WORKLOADS:
+            asy = _by(modelled.points, profile, workload, "async")
+            for base in ("mtp1", "fixed3", "fixed5"):
+                ref = _by(modelled.points, profile, workload, base)
+                gap, s = _worst_gap([asy], ref)
+                if (profile, workload, base) != DRAFT_COST_EXCEPTION:
+                    assert gap > -1.0, (profile, workload, base, gap, s)
+                    continue
+                assert gap < -1.0, "the documented exception is gone: update the README and this test"
+                below = [(a["concurrency"], a["throughput_tok_s_gpu"] / b["throughput_tok_s_gpu"] - 1.0)
+                         for a, b in zip(asy, ref) if a["throughput_tok_s_gpu"] < b["throughput_tok_s_gpu"]]
+                assert [c for c, _ in below] == [asy[-1]["concurrency"]], below
+                assert -0.05 < below[0][1] < 0.0, below
+
+
+def test_async_capacity_from_one_request_two_rounds_old_costs_a_few_percent_at_concurrency_one():
+    """The other documented shortfall (README): at C = 1 on the MoE, where every extra verify token reads new
+    experts, async's capacity comes from a single block two rounds old, so it is below fixed γ = 5 and below
+    causal (which sees the current block). 2000 rounds on common random numbers: over 6 seeds the per-user
+    ratio async/fixed5 − 1 was −0.59 % ± 0.03 % (math), −0.79 % ± 0.08 % (code), −3.0 % ± 0.3 % (chat), and
+    async/causal − 1 −0.79 % ± 0.05 %, −1.1 % ± 0.08 %, −5.5 % ± 0.5 %: the bounds below are > 9 sd away."""
+    model = named_profile("deepseek-v3@h200")
+    pols = {p.name: p for p in parse_policies("fixed5,causal,async", 5)}
+    for name, wl in WORKLOADS.items():
+        wl = wl.with_overrides(output_tokens=10 ** 6)  # no request ends: every round uses all five positions
+        draws = wl.draw(1, 2002, 5, seed=21)
+        got = {k: simulate_point(model, wl, p, 1, draws)["per_user_tok_s"] for k, p in pols.items()}
+        for base, upper in (("fixed5", -0.003), ("causal", -0.004)):
+            ratio = got["async"] / got[base] - 1.0
+            assert -0.10 < ratio < upper, (name, base, ratio)
+
+
+def test_causal_early_stop_falls_below_mtp1_where_the_staircase_is_compute_bound(modelled):
+    """Paper §5.2: Algorithm 1's break finds the global optimum only if Θ is unimodal, and the SPS curve is a
+    staircase; production removed the break (async). At the MoE's largest concurrency causal admits almost
+    nothing (the next draft would start a new tile) and is below MTP-1 by > 3σ, while async is above causal."""
     for workload in WORKLOADS:
-        asy = _by(modelled.points, profile, workload, "async")
-        cau = _by(modelled.points, profile, workload, "causal")
-        gap, s = _worst_gap([asy], _by(modelled.points, profile, workload, "mtp1"))
-        assert gap > -1.0, (workload, "async vs mtp1", gap, s)
-        for base in ("mtp1", "fixed3", "fixed5"):
-            gap, s = _worst_gap([cau, asy], _by(modelled.points, profile, workload, base))
-            assert gap > -1.0, (workload, base, gap, s)
-
-
-def test_gamma7_drafting_costs_the_dense_chat_frontier_a_few_percent(modelled):
-    """The documented exception (README): on llama3-8b@h100 chat, drafting γ = 7 positions costs more than
-    the rarely accepted drafts 4..7 return, so fixed γ = 3 (a 3-position drafter) edges DSpark near
-    C = 128; with equal drafting cost (previous test) the gap is gone. Pinned so the README stays true."""
-    dspark = [_by(modelled.points, "llama3-8b@h100", "chat", m) for m in ("causal", "async")]
-    fixed3 = _by(modelled.points, "llama3-8b@h100", "chat", "fixed3")
-    lo = max(min(p["per_user_tok_s"] for p in fixed3), min(p["per_user_tok_s"] for p in dspark[0]))
-    worst = min((max(throughput_at(c, s) for c in dspark) / throughput_at(fixed3, s) - 1.0)
-                for s in (lo * 1.02 ** k for k in range(200)) if s < 300)
-    assert -0.08 < worst < -0.01, worst
+        cau = _by(modelled.points, "deepseek-v3@h200", workload, "causal")[-1]
+        asy = _by(modelled.points, "deepseek-v3@h200", workload, "async")[-1]
+        mtp = _by(modelled.points, "deepseek-v3@h200", workload, "mtp1")[-1]
+        assert cau["verify_budget"] < 0.2, cau
+        for lower, upper in ((cau, mtp), (cau, asy)):
+            gap = upper["throughput_tok_s_gpu"] - lower["throughput_tok_s_gpu"]
+            assert gap > SIGMAS * math.hypot(upper["throughput_se"], lower["throughput_se"]), (workload, lower, upper)
 
 
 def _budget_monotone(pts, start_index=0):
@@ -139,7 +171,7 @@ def _budget_monotone(pts, start_index=0):
         slack = 128 / b["concurrency"] + 0.05
         assert b["verify_budget"] <= a["verify_budget"] + slack, (a["concurrency"], a["verify_budget"],
                                                                   b["concurrency"], b["verify_budget"])
-    assert pts[-1]["verify_budget"] < pts[start_index]["verify_budget"] - 1.0
+    return pts[start_index]["verify_budget"] - pts[-1]["verify_budget"]
 
 
 def _budget_falls_from_peak(pts, start_index):
@@ -162,15 +194,35 @@ def test_verify_budget_falls_as_concurrency_rises(modelled, policy):
     c_star = math.log(0.01) / math.log(1 - v3.experts_per_token / v3.experts)
     for workload in WORKLOADS:
         dense = _by(modelled.points, "llama3-8b@h100", workload, policy)
-        _budget_monotone(dense)
+        # Chat (L̄ = 1024) reaches C = 416 and compute-bound verification: the budget falls by more than half.
+        # Math and code (L̄ = 2048) fill the KV cache at C = 208, just past the ridge: it falls by ~0.5.
+        assert _budget_monotone(dense) > (2.5 if workload == "chat" else 0.3), (workload, dense[-1])
         # Memory-bound (C <= 32 here: flat SPS) every draft with survival > 0 is worth verifying: budget γ
         # less the end-of-request cap (ℓ <= remaining - 1 in a request's last rounds), which costs
         # 0.00-0.15 drafts a round in this sweep (chat, with 512-token outputs, the most).
-        assert all(p["verify_budget"] > 7 - 0.2 for p in dense if p["concurrency"] <= 32), dense
+        assert all(p["verify_budget"] > p["gamma"] - 0.2 for p in dense if p["concurrency"] <= 32), dense
         moe = _by(modelled.points, "deepseek-v3@h200", workload, policy)
         first = next(i for i, p in enumerate(moe) if p["concurrency"] >= c_star)
-        (_budget_monotone if policy == "causal" else _budget_falls_from_peak)(moe, first)
+        if policy == "causal":
+            assert _budget_monotone(moe, first) > 1.0, (workload, moe[first], moe[-1])
+        else:
+            _budget_falls_from_peak(moe, first)
         assert max(p["verify_budget"] for p in moe[:first]) > moe[0]["verify_budget"], "no rise below C*"
+
+
+def test_moe_verify_budget_has_the_shape_of_the_papers_figure_8(modelled):
+    """Paper Fig. 8 (V4, γ = 5): below ~150-200 concurrent requests the budget expands "from MTP-1's static 2
+    tokens to roughly 4–6 tokens per request" and then "decreases smoothly with load". On the MoE profile
+    async verifies 4-6 tokens a request (anchor + drafts) at every C <= 256 and fewer than 4 at the largest C."""
+    for workload in WORKLOADS:
+        pts = _by(modelled.points, "deepseek-v3@h200", workload, "async")
+        assert all(p["gamma"] == 5 for p in pts)
+        low = [p["verify_tokens_per_request"] for p in pts if p["concurrency"] <= 256]
+        assert all(4.0 <= v <= 6.0 for v in low), (workload, low)
+        assert pts[-1]["verify_tokens_per_request"] < 4.0, (workload, pts[-1])
+        # MTP-1: 2 tokens a request, a little less because a request's last round verifies its anchor only.
+        assert all(1.95 < p["verify_tokens_per_request"] <= 2.0
+                   for p in _by(modelled.points, "deepseek-v3@h200", workload, "mtp1"))
 
 
 def test_fixed_gamma5_loses_throughput_to_mtp1_at_high_concurrency(modelled):
@@ -224,7 +276,8 @@ def test_fixed_policy_accepted_length_matches_the_closed_form(policy, gamma, dra
     expected = wl.expected_accepted_length(gamma, drafter=drafter)
     bound = 4 * wl.accepted_length_std(gamma, drafter=drafter) / math.sqrt(c * rounds)
     assert abs(point["mean_accepted_length"] - expected) < bound, (point["mean_accepted_length"], expected, bound)
-    assert point["verify_budget"] == gamma
+    # γ every round, except where a slot's first request (started part-way) reaches its end.
+    assert gamma - 0.01 < point["verify_budget"] <= gamma
 
 
 def test_closed_forms_of_the_acceptance_model():
@@ -236,15 +289,47 @@ def test_closed_forms_of_the_acceptance_model():
 
 
 def test_confidence_head_has_the_stated_auroc_and_ece():
-    """Measured on 140 000 fresh samples: AUROC within 0.01 (its standard error at these counts is
-    ~0.002-0.004) and pooled ECE within 0.006 (twice the 0.0026 sampling floor of a calibrated head)."""
-    for auroc, ece in ((0.86, 0.02), (0.81, 0.05), (0.91, 0.0)):
+    """Measured on 140 000 fresh samples: AUROC within 0.01 at each position (its standard error at 20 000
+    samples a position is ~0.003-0.006) and pooled ECE within 0.006 (twice the 0.0026 sampling floor of a
+    calibrated head). The default is the paper's per-position Fig. 6 values and ECE 0.01."""
+    cases = [(0.86, 0.02), (0.81, 0.05), (0.91, 0.0), (None, None)]
+    for auroc, ece in cases:
         wl = WORKLOADS["code"].with_overrides(auroc=auroc, ece=ece)
+        want = wl.aurocs(wl.gamma_max)
         m = wl.metrics()
-        assert abs(m["auroc_per_position_mean"] - auroc) < 0.01, (auroc, m)
-        assert abs(m["ece_pooled"] - max(ece, 0.0026)) < 0.006, (ece, m)
-        probit = torch.special.ndtri(torch.tensor(auroc, dtype=torch.float64)).item()
-        assert m["mu"] == pytest.approx(math.sqrt(2) * probit)  # AUROC = Φ(μ/√2)
+        for k, (got, exp) in enumerate(zip(m["auroc_per_position"], want)):
+            assert abs(got - exp) < 0.01, (auroc, k, got, exp)
+        assert abs(m["ece_pooled"] - max(wl.ece, 0.0026)) < 0.006, (ece, m)
+        probit = torch.special.ndtri(torch.tensor(want, dtype=torch.float64))
+        assert m["mu"] == pytest.approx((math.sqrt(2) * probit).tolist())  # AUROC_k = Φ(μ_k/√2)
+
+
+def test_defaults_are_the_papers_numbers():
+    """Table 1 (Qwen3-8B, DSpark, γ = 7): τ per domain is the mean of its benchmarks, within the 4-decimal
+    rounding of the rates; math starts at Fig. 2's 0.93; code and chat are Fig. 2's DFlash linear shapes
+    (0.87 -> 0.78, 0.72 -> 0.63) shifted by one constant in logit; Fig. 6's AUROC at positions 1, 3, 5, 7;
+    the drafters are 5 layers (dense, Table 1 setup) and 3 layers with a 128-token window (MoE, production)."""
+    table1 = {"math": (6.17, 5.78, 5.01), "code": (5.16, 5.52, 5.17), "chat": (3.72, 3.58, 3.21)}
+    for name, values in table1.items():
+        assert WORKLOADS[name].expected_accepted_length(7) == pytest.approx(sum(values) / 3, abs=1e-3)
+    assert WORKLOADS["math"].accept[0] == 0.93
+    for name, (first, last) in (("code", (0.87, 0.78)), ("chat", (0.72, 0.63))):
+        shape = torch.linspace(first, last, 7, dtype=torch.float64)
+        shift = torch.logit(torch.tensor(WORKLOADS[name].accept, dtype=torch.float64)) - torch.logit(shape)
+        assert float(shift.max() - shift.min()) < 1e-3 and float(shift.min()) > 0, (name, shift)
+    assert [WORKLOADS["chat"].aurocs(7)[k] for k in (0, 2, 4, 6)] == [0.818, 0.812, 0.864, 0.907]
+    assert WORKLOADS["chat"].ece == 0.01
+    assert (TARGETS["llama3-8b"].dspark_layers, TARGETS["llama3-8b"].dspark_window) == (5, None)
+    assert (TARGETS["deepseek-v3"].dspark_layers, TARGETS["deepseek-v3"].dspark_window) == (3, 128)
+
+
+def test_the_drafter_window_limits_the_drafters_attention_cost():
+    """The MoE drafter attends over min(L̄, 128) tokens: its cost does not grow with the context past 128,
+    while MTP-1's (full attention) does."""
+    m = named_profile("deepseek-v3@h200")
+    short, long = (m.draft_seconds(d, 5, 512, ctx) for d in ("dspark",) for ctx in (128.0, 8192.0))
+    assert long == pytest.approx(short, rel=1e-12)
+    assert m.draft_seconds("mtp", 1, 512, 8192.0) > m.draft_seconds("mtp", 1, 512, 128.0)
 
 
 def _synthetic_log(wl: AcceptanceModel, n: int, seed: int):
@@ -265,7 +350,10 @@ def test_fit_acceptance_recovers_a_known_model(tmp_path):
     for k, (p, q) in enumerate(zip(wl.accept, fit.accept)):
         assert abs(p - q) < 4 * math.sqrt(p * (1 - p) / reached), (k, p, q)
         reached = int((accepted > k).sum())
-    assert abs(fit.auroc - 0.84) < 0.02 and abs(fit.ece - 0.03) < 0.01, (fit.auroc, fit.ece)
+    # Per position: 30 000 rounds at position 1 down to ~17 000 at position 7 (math's survival): AUROC standard
+    # errors 0.003-0.005, inside 0.02.
+    assert len(fit.auroc) == wl.gamma_max and all(abs(a - 0.84) < 0.02 for a in fit.auroc), fit.auroc
+    assert abs(fit.ece - 0.03) < 0.01, fit.ece
     path = tmp_path / "log.json"
     path.write_text(json.dumps({"accepted_len": accepted.tolist(), "confidence": conf.tolist(), "name": "mine"}))
     loaded = load_acceptance_log(path)

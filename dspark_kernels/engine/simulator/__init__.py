@@ -17,8 +17,9 @@ Modules (each docstring states its math, units and the source of every constant)
 - ``steptime``: the roofline model of a named target on a named GPU (``llama3-8b``,
   ``deepseek-v3`` on ``h100``, ``h200``) and measured SPS tables (``save_sps_json`` /
   ``load_sps_json``: engine.sps_table has no file format of its own).
-- ``acceptance``: per-position acceptance per workload (math, code, chat: assumed defaults), a
-  binormal confidence head of stated AUROC and ECE, and ``fit_acceptance`` from a log of rounds.
+- ``acceptance``: per-position acceptance per workload (math, code, chat: the DSpark paper's Table 1
+  and Fig. 2 numbers), a binormal confidence head of stated AUROC and ECE (Fig. 6), and
+  ``fit_acceptance`` from a log of rounds.
 - ``core``: policies and the simulation loop; ``report``: frontiers, SLA table, figures;
   ``run``: :func:`simulate`; ``cli``: the command.
 """

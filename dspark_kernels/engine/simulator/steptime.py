@@ -62,9 +62,16 @@ Two kinds of model:
     needs full-vocabulary U_k at every position) and its Markov head γ
     sequential steps, each reading W2 [V, r] once (bf16) plus two kernel
     launches (markov_draft's fast path: 2 launches per step). Each drafter
-    layer also pays its share of the per-layer latency. Both default to one
-    layer (DeepSeek-V3's MTP module is one layer); the DSpark backbone's size
-    is an assumption (``--dspark-layers``).
+    layer also pays its share of the per-layer latency. MTP-1 is one layer
+    (DeepSeek-V3's MTP module). The DSpark backbone is 5 layers on the dense
+    target (the paper's §4.1 setup: "5 for DSpark and DFlash" drafter layers
+    for the Qwen3 targets of Table 1) and 3 on the MoE target (§5.1, the
+    production drafter of DeepSeek-V4: "three MoE layers"); ``--dspark-layers``
+    overrides both. The production drafter also uses "sliding window attention
+    of 128" (§5.1), so on the MoE target the DSpark backbone attends over
+    min(L̄, 128) context tokens (its KV bytes and attention FLOPs); the dense
+    target's drafter attends over the whole context, as a DFlash drafter reads
+    the target's context features.
 
 Every constant is named below (module constants, :data:`GPUS`, :data:`TARGETS`)
 with its source; "assumption" marks those that are not datasheet or
@@ -180,7 +187,8 @@ class Target:
     overhead_seconds: float = 0.3e-3  # per step: sampling, scheduling, host, non-layer launches (assumption)
     layer_latency_seconds: float = 20e-6  # per layer: ~a dozen kernels of a few µs each in a graph (assumption)
     mtp_layers: int = 1
-    dspark_layers: int = 1
+    dspark_layers: int = 5
+    dspark_window: int | None = None  # context tokens the DSpark backbone attends over (None: all)
     source: str = ""
 
     @property
@@ -241,6 +249,7 @@ def _deepseek_v3() -> Target:
         # Absorbed MLA decode: scores over 576 dims and values over the 512-d latent, 128 heads.
         attn_flops_per_pair=2 * heads * ((kv_lora + rope) + kv_lora) * layers,
         total_params=total,
+        dspark_layers=3, dspark_window=128,
         source="DeepSeek-V3 config.json and technical report; FP8 weights, bf16 MLA latent KV",
     )
 
@@ -362,6 +371,7 @@ class RooflineStepModel(StepModel):
         tg, g = self.target, self.gpu
         if drafter == "dspark" and self.dspark_draft_cost == "mtp":
             drafter = "mtp"
+        window = context
         if drafter == "mtp":
             tokens, layers, markov = concurrency, tg.mtp_layers, 0.0
         elif drafter == "dspark":
@@ -370,10 +380,12 @@ class RooflineStepModel(StepModel):
             # W2 [V, r] bf16 read once per step on every GPU (replicated), plus the step's launches.
             w2 = tg.vocab * self.markov_rank * 2.0 / (g.hbm_bytes_per_s * g.bandwidth_efficiency)
             markov = gamma * (w2 + MARKOV_LAUNCHES_PER_STEP * LAUNCH_SECONDS)
+            if tg.dspark_window is not None:
+                window = min(context, float(tg.dspark_window))
         else:
             raise ValueError(f"drafter must be 'mtp' or 'dspark', got {drafter!r}")
         share = layers / tg.layers
-        backbone = self.forward_seconds(torch.tensor([tokens]), concurrency, context, layer_share=share)
+        backbone = self.forward_seconds(torch.tensor([tokens]), concurrency, window, layer_share=share)
         return float(backbone[0]) + self.latency_seconds(share) + markov
 
     def round_seconds(self, drafter: str, gamma: int, concurrency: int, context: float) -> torch.Tensor:
