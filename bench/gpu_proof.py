@@ -38,7 +38,12 @@ Stages (name: default budget in seconds; what it does):
                    left, over bench/proof_kernels.py: every Triton and CUDA
                    kernel once on small odd shapes, each checked against the
                    reference.
-  6 grid       rest  the peers at the headline shapes (FlashInfer when
+  6 sps        60  the serving simulator's SPS table measured here (bench/sps_profile.py:
+                   4 Llama-3.1-8B-shaped layers + LM head for every verify
+                   batch B <= 512, then every 4th to 1024, one CUDA graph per
+                   B; the MTP-1 and DSpark drafters per concurrency), then the
+                   simulator on that table; the table goes into proof.json.
+  7 grid       rest  the peers at the headline shapes (FlashInfer when
                    importable, FlexAttention, torch.compile of the reference),
                    rejection_sample with top-k/top-p, then each op's full grid,
                    one request count per command, as far as time allows.
@@ -66,7 +71,7 @@ other step runs the working tree's own code with the machine's python.
 tensors, the build skipped with its reason, only ``pytest -m gpu`` (every
 such test skips without a GPU; the rest of the suite is CI's own command),
 ``--smoke`` benchmarks with Triton interpreted, proof_kernels without the
-sanitizer, and one grid command. tests/test_gpu_proof.py runs it.
+sanitizer, a --smoke SPS table, and one grid command. tests/test_gpu_proof.py runs it.
 """
 
 from __future__ import annotations
@@ -723,6 +728,36 @@ def stage_sanitizer(ctx: Ctx, args) -> dict:
     return result
 
 
+def stage_sps(ctx: Ctx, args) -> dict:
+    """Measure an SPS table (bench/sps_profile.py), then run the simulator on it (CPU work, seconds)."""
+    budget = ctx.stage_budget
+    t0 = time.monotonic()
+    path = os.path.join(ctx.work, "sps_table.json")
+    cmd = [sys.executable, "-m", "bench.sps_profile", "--out", path] + ([] if ctx.cuda else ["--smoke"])
+    rec = run_cmd(ctx, "sps_profile", cmd, budget * 0.85)
+    result: dict = {"status": _status_of(rec), "command": rec["cmd"]}
+    if rec.get("rc") != 0 or not os.path.exists(path):
+        result["note"] = "no table: " + ("timed out" if rec.get("timed_out") else f"rc {rec.get('rc')}")
+        return result
+    with open(path) as f:
+        table = json.load(f)
+    sps = table["sps"]
+    result["table"] = table
+    result["note"] = (f"{table['meta']['name']}: t(1) = {1e3 / sps[1]:.3f} ms, t({len(sps) - 1}) = "
+                      f"{1e3 / sps[-1]:.3f} ms (scaled to the whole model), {table['meta'].get('wall_seconds')} s")
+    sim_out = os.path.join(ctx.work, "simulate_sps")
+    sim = run_cmd(ctx, "simulate_sps", [sys.executable, "-m", "dspark_kernels", "simulate", "--profiles", "",
+                                        "--sps-json", path, "--out", sim_out, "--no-plots", "--quiet"],
+                  budget - (time.monotonic() - t0))
+    result["simulate"] = {"rc": sim.get("rc"), "seconds": sim.get("seconds")}
+    sla = os.path.join(sim_out, "sla.txt")
+    if sim.get("rc") == 0 and os.path.exists(sla):
+        with open(sla) as f:
+            result["simulate"]["sla_table"] = f.read()
+    result["status"] = _status_of(rec, sim)
+    return result
+
+
 def _calls(rec: dict) -> str | None:
     found = re.findall(r"(\d+) kernel calls, (\d+) failures", rec.get("tail", ""))
     return f"{found[-1][0]} kernel calls, {found[-1][1]} failures" if found else None
@@ -772,6 +807,9 @@ def summary_markdown(doc: dict) -> str:
             lines += ["", "## Kernels (cuobjdump)", "| kernel | regs | stack | shared | local |", "|---|---|---|---|---|"]
             lines += [f"| `{k.get('kernel', k.get('note'))[:90]}` | {k.get('registers', '-')} | {k.get('stack', '-')} | "
                       f"{k.get('shared', '-')} | {k.get('local', '-')} |" for k in s["kernel_resources"]]
+        if s["name"] == "sps" and s.get("simulate", {}).get("sla_table"):
+            lines += ["", "## Simulator on the SPS table measured here", "```", s["simulate"]["sla_table"].rstrip(),
+                      "```"]
         if s["name"] == "sanitizer" and s.get("tools"):
             lines += ["", "## compute-sanitizer"]
             for tool, t in s["tools"].items():
@@ -917,7 +955,8 @@ STAGES = (
     Stage(3, "tests", 150, stage_tests),
     Stage(4, "headline", 90, stage_headline),
     Stage(5, "sanitizer", 60, stage_sanitizer),
-    Stage(6, "grid", None, stage_grid),
+    Stage(6, "sps", 60, stage_sps),
+    Stage(7, "grid", None, stage_grid),
 )
 
 

@@ -1,6 +1,6 @@
 """The GPU proof script (bench/gpu_proof.py) works end to end before a GPU exists.
 
-The dry run is the same six stages on CPU with tiny shapes: it proves the
+The dry run is the same seven stages on CPU with tiny shapes: it proves the
 script's plumbing (stage order, budgets, subprocesses, per-test JSON lines,
 benchmark merging, outputs the device tool can return) so that the few GPU
 minutes a session is lent are not spent debugging the script itself.
@@ -27,7 +27,7 @@ if ROOT not in sys.path:
 
 from bench import gpu_proof, proof_kernels  # noqa: E402
 
-STAGE_NAMES = ["env", "build", "tests", "headline", "sanitizer", "grid"]
+STAGE_NAMES = ["env", "build", "tests", "headline", "sanitizer", "sps", "grid"]
 OUT_FILES = {"proof.json", "summary.md", "plots.png", "logs.tar.gz"}
 
 
@@ -65,10 +65,10 @@ def test_dry_run_stages_in_order_with_their_outcomes(dry):
     res, out, doc = dry
     stages = doc["stages"]
     assert [s["name"] for s in stages] == STAGE_NAMES
-    assert [s["number"] for s in stages] == list(range(1, 7))
+    assert [s["number"] for s in stages] == list(range(1, 8))
     status = {s["name"]: s for s in stages}
     assert status["build"]["status"] == "skipped" and "--dry-run" in status["build"]["reason"]
-    for name in ("env", "tests", "headline", "sanitizer", "grid"):
+    for name in ("env", "tests", "headline", "sanitizer", "sps", "grid"):
         assert status[name]["status"] == "pass", status[name]
         assert 0 <= status[name]["seconds"] <= status[name]["budget_s"] + 5
     assert doc["meta"]["dry_run"] is True and doc["meta"]["commit"] == "0123abcd"
@@ -118,13 +118,25 @@ def test_dry_run_benchmarks_every_op_and_merges_reports(dry):
             for name in ("reference-eager", "triton"):
                 assert case["providers"][name]["status"] == "ok", (op, name, case["providers"][name])
             assert case["floor"]["floor_us"] > 0
-    # Stage 6's run was merged into the same op's cases.
+    # Stage 7's run was merged into the same op's cases.
     labels = [r["label"] for r in bench["schedule_verify"]["runs"]]
     assert labels == ["headline_schedule_verify", "grid_schedule_verify"]
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary
     for name in STAGE_NAMES:
         assert f"| {name} |" in summary or f" {name} |" in summary
+
+
+def test_dry_run_measures_a_smoke_sps_table_and_simulates_on_it(dry):
+    _, out, doc = dry
+    sps = doc["stages"][5]
+    assert sps["name"] == "sps" and "--smoke" in sps["command"]
+    table = sps["table"]
+    assert table["format"] == "dspark_kernels.sps_table" and table["meta"]["target_shape"] == "smoke"
+    assert len(table["sps"]) == 25 and table["sps"][0] == 0
+    assert {c for c, _ in table["meta"]["draft_seconds"]["dspark"]} == {1, 2, 4}
+    assert sps["simulate"]["rc"] == 0 and "SLA tok/s/user" in sps["simulate"]["sla_table"]
+    assert "## Simulator on the SPS table measured here" in (out / "summary.md").read_text()
 
 
 def test_dry_run_calls_every_kernel_without_the_sanitizer(dry):

@@ -474,3 +474,42 @@ def test_cli_smoke(tmp_path):
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24])[0] > 100
     bad = _cli("--out", str(tmp_path / "x"), "--profiles", "nope@h100", "--quiet")
     assert bad.returncode == 2 and "unknown profile 'nope@h100'" in bad.stderr
+
+
+def test_draft_seconds_per_concurrency_round_trip_and_interpolation(tmp_path):
+    """meta.draft_seconds may be [C, seconds] lists (bench/sps_profile.py writes them): linear in C between
+    the measured C, held constant past either end, validated on save and on load."""
+    from dspark_kernels.engine.simulator.steptime import draft_at
+    pairs = [[1, 1e-3], [4, 4e-3], [8, 6e-3]]
+    assert draft_at(pairs, 1) == 1e-3 and draft_at(pairs, 2) == pytest.approx(2e-3)
+    assert draft_at(pairs, 6) == pytest.approx(5e-3) and draft_at(pairs, 100) == 6e-3 and draft_at(2e-3, 9) == 2e-3
+    sps = [0.0] + [1.0 / (1e-3 * (1 + b / 32)) for b in range(1, 65)]
+    path = save_sps_json(sps, tmp_path / "t.json", draft_seconds={"dspark": pairs, "mtp": 5e-4})
+    model = load_sps_json(path)
+    t = model.round_seconds("dspark", 5, 6, 0.0)
+    assert t[7] == pytest.approx(1e-3 * (1 + 7 / 32) + 5e-3)
+    assert model.round_seconds("mtp", 1, 6, 0.0)[7] == pytest.approx(1e-3 * (1 + 7 / 32) + 5e-4)
+    for bad in ([[4, 1e-3], [2, 1e-3]], [[1, -1.0]], [], [[1, 2, 3]]):
+        with pytest.raises(ValueError, match="draft_seconds"):
+            save_sps_json(sps, tmp_path / "bad.json", draft_seconds={"dspark": bad})
+    doc = json.loads(path.read_text())
+    doc["meta"]["draft_seconds"]["dspark"] = [[2, 1e-3], [1, 1e-3]]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="C ascending"):
+        load_sps_json(path)
+
+
+def test_sps_profile_smoke_writes_a_table_the_simulator_reads(tmp_path):
+    """bench/sps_profile.py on CPU (tiny shapes): every B to Bmax in the table (measured or interpolated),
+    non-increasing, drafters per C, and the simulator runs on it. The GPU run is bench.gpu_proof's stage 6."""
+    sys.path.insert(0, ROOT)
+    from bench import sps_profile
+    assert sps_profile.measured_sizes(20, 8, 4) == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20]
+    assert sps_profile.main(["--out", str(tmp_path / "s.json"), "--smoke"]) == 0
+    model = load_sps_json(tmp_path / "s.json")
+    assert model.max_batch == 24 and bool((model.sps[2:] <= model.sps[1:-1]).all())
+    assert [c for c, _ in model.draft_seconds["dspark"]] == [1, 2, 4]
+    assert model.meta["layer_scale"] == 2.0 and model.meta["cuda_graphs"] is False
+    sim = simulate(None, profiles=[], sps_json=[tmp_path / "s.json"], workloads=["code"], policies="mtp1,async",
+                   plots=False, request_rounds=64, min_rounds=8, max_rounds=16)
+    assert {p["concurrency"] for p in sim.points} <= {1, 2, 4} and sim.points

@@ -22,8 +22,11 @@ Two kinds of model:
          "meta": {"name": ..., "gpus": 1, "draft_seconds": {"mtp": s, "dspark": s}, ...}}
 
     t_target(B) = 1 / sps[B]; t_draft is meta.draft_seconds[drafter] (0 when
-    absent: the table is then taken as the whole round). ``gpus`` divides the
-    throughput into tok/s/GPU (default 1).
+    absent: the table is then taken as the whole round): seconds, or a list of
+    [C, seconds] pairs with C ascending, read by linear interpolation in C
+    (held constant past either end), because a drafter's time grows with the
+    requests it drafts for (bench/sps_profile.py measures such a list).
+    ``gpus`` divides the throughput into tok/s/GPU (default 1).
 
 (b) :class:`RooflineStepModel` — a named target on a named GPU. With G GPUs
     splitting the work evenly (tensor/expert parallel; assumed perfectly
@@ -477,7 +480,7 @@ class TableStepModel(StepModel):
             raise ValueError(f"profile {self.name!r}: its SPS table covers B <= {self.max_batch}, but "
                              f"concurrency {concurrency} with γ = {gamma} needs B up to {need}")
         t = 1.0 / self.sps[: need + 1].to(torch.float64)
-        t = t + float(self.draft_seconds.get(drafter, 0.0))
+        t = t + draft_at(self.draft_seconds.get(drafter, 0.0), concurrency)
         t[0] = math.inf
         return t
 
@@ -492,6 +495,36 @@ class TableStepModel(StepModel):
                 "max_batch": self.max_batch, "meta": self.meta}
 
 
+def draft_at(value, concurrency: int) -> float:
+    """A draft_seconds entry at C: the number itself, or the [C, seconds] list interpolated linearly in C."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    points = [(float(c), float(t)) for c, t in value]
+    if concurrency <= points[0][0]:
+        return points[0][1]
+    for (c0, t0), (c1, t1) in zip(points, points[1:]):
+        if concurrency <= c1:
+            return t0 + (t1 - t0) * (concurrency - c0) / (c1 - c0)
+    return points[-1][1]
+
+
+def _valid_draft_entry(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return math.isfinite(value) and value >= 0
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    pairs = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in pair):
+            return False
+        pairs.append(pair)
+    cs = [c for c, _ in pairs]
+    return all(c >= 1 for c in cs) and all(a < b for a, b in zip(cs, cs[1:])) and all(t >= 0 for _, t in pairs)
+
+
 def save_sps_json(profile_or_sps, path, *, name: str | None = None, gpus: int = 1,
                   draft_seconds: dict | None = None, meta: dict | None = None) -> pathlib.Path:
     """Write an SPS table as JSON for the simulator; returns the path.
@@ -499,11 +532,18 @@ def save_sps_json(profile_or_sps, path, *, name: str | None = None, gpus: int = 
     profile_or_sps: an ``engine.sps_table.SPSProfile`` (its cleaned ``sps``) or a [Bmax+1] tensor /
     list with sps[0] = 0 and sps[B] > 0 steps per second. gpus: GPUs the measured engine spans
     (throughput is divided by it). draft_seconds: {"mtp": s, "dspark": s} drafter time per round
-    not inside the table (omit if the table timed whole rounds).
+    not inside the table (omit if the table timed whole rounds), each a number or a list of
+    [C, seconds] pairs with C ascending (:func:`draft_at`).
     """
     sps = getattr(profile_or_sps, "sps", profile_or_sps)
     values = torch.as_tensor(sps, dtype=torch.float64).reshape(-1)
     _check_sps(values, str(path))
+    for key, value in (draft_seconds or {}).items():
+        if key not in ("mtp", "dspark") or not _valid_draft_entry(value):
+            raise ValueError(f"draft_seconds[{key!r}] must be 'mtp'/'dspark' -> seconds >= 0 or a list of "
+                             f"[C, seconds] pairs with C ascending, got {value!r}")
+    draft_seconds = {k: (float(v) if isinstance(v, (int, float)) else [[int(c), float(t)] for c, t in v])
+                     for k, v in (draft_seconds or {}).items()}
     doc = {"format": SPS_FORMAT, "version": SPS_VERSION, "sps": [float(v) for v in values.tolist()],
            "meta": {"name": name or pathlib.Path(os.fspath(path)).stem, "gpus": int(gpus),
                     "draft_seconds": dict(draft_seconds or {}), **(meta or {})}}
@@ -536,8 +576,9 @@ def load_sps_json(path) -> TableStepModel:
         raise ValueError(f"{source}: \"meta\" must be an object")
     draft = meta.get("draft_seconds") or {}
     if not isinstance(draft, dict) or any(k not in ("mtp", "dspark") for k in draft) \
-            or not all(isinstance(v, (int, float)) and v >= 0 for v in draft.values()):
-        raise ValueError(f"{source}: meta.draft_seconds must map 'mtp'/'dspark' to seconds >= 0")
+            or not all(_valid_draft_entry(v) for v in draft.values()):
+        raise ValueError(f"{source}: meta.draft_seconds must map 'mtp'/'dspark' to seconds >= 0 or to a list "
+                         f"of [C, seconds] pairs with C ascending")
     gpus = meta.get("gpus", 1)
     if not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"{source}: meta.gpus must be a positive integer, got {gpus!r}")
