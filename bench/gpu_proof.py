@@ -38,11 +38,13 @@ Stages (name: default budget in seconds; what it does):
                    left, over bench/proof_kernels.py: every Triton and CUDA
                    kernel once on small odd shapes, each checked against the
                    reference.
-  6 sps        60  the serving simulator's SPS table measured here (bench/sps_profile.py:
+  6 sps        90  the serving simulator's SPS table measured here (bench/sps_profile.py:
                    4 Llama-3.1-8B-shaped layers + LM head for every verify
-                   batch B <= 512, then every 4th to 1024, one CUDA graph per
-                   B; the MTP-1 and DSpark drafters per concurrency), then the
-                   simulator on that table; the table goes into proof.json.
+                   batch B <= 64, then every 8th and both sides of each
+                   multiple of 128 to 1024, one CUDA graph per B; the
+                   attention's cost per cached token; the MTP-1 and DSpark
+                   drafters per concurrency), then the simulator on that
+                   table; the table goes into proof.json.
   7 grid       rest  the peers at the headline shapes (FlashInfer when
                    importable, FlexAttention, torch.compile of the reference),
                    rejection_sample with top-k/top-p, then each op's full grid,
@@ -955,7 +957,7 @@ STAGES = (
     Stage(3, "tests", 150, stage_tests),
     Stage(4, "headline", 90, stage_headline),
     Stage(5, "sanitizer", 60, stage_sanitizer),
-    Stage(6, "sps", 60, stage_sps),
+    Stage(6, "sps", 90, stage_sps),
     Stage(7, "grid", None, stage_grid),
 )
 

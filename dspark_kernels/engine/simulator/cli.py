@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="request-rounds per point: rounds = this / C, clamped to [--min-rounds, --max-rounds]")
     p.add_argument("--min-rounds", type=int, default=48, help="default 48")
     p.add_argument("--max-rounds", type=int, default=512, help="default 512")
-    p.add_argument("--auroc", type=float, default=None, help="override every workload's confidence AUROC (one value for every position; default: 'the paper's Fig. 6 per-position values)")
+    p.add_argument("--auroc", type=float, default=None, help="override every workload's confidence AUROC (one value for every position; default: the paper's Fig. 6 per-position values)")
     p.add_argument("--ece", type=float, default=None, help="override every workload's confidence ECE")
     p.add_argument("--context", type=float, default=None, help="override every workload's mean context (tokens)")
     p.add_argument("--dspark-layers", type=int, default=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -65,13 +66,23 @@ def matched_throughput_gains(points: list, policy: str, baseline: str = "mtp1", 
     return rows
 
 
-def _models(profiles, sps_json, dspark_layers, dspark_draft_cost) -> list[StepModel]:
+def _models(profiles, sps_json, dspark_layers, dspark_draft_cost, gamma) -> list[StepModel]:
     names = list(profiles)
     if names == ["all"]:
         names = profile_names()
     models: list[StepModel] = [named_profile(n, dspark_layers=dspark_layers, dspark_draft_cost=dspark_draft_cost)
                                for n in names]
-    models += [load_sps_json(path) for path in sps_json]
+    for path in sps_json:
+        table = load_sps_json(path)
+        measured = table.meta.get("gamma")
+        if measured is not None and measured != gamma and "dspark" in table.draft_seconds:
+            raise ValueError(f"{path}: its DSpark draft times were measured at γ = {measured}, but gamma = {gamma}: "
+                             f"simulate at --gamma {measured} or re-measure")
+        if dspark_draft_cost == "mtp":
+            draft = dict(table.draft_seconds)
+            draft["dspark"] = draft.get("mtp", 0.0)
+            table = dataclasses.replace(table, draft_seconds=draft)
+        models.append(table)
     if not models:
         raise ValueError("no step-time profile: give profiles or an SPS table (sps_json)")
     if len({m.name for m in models}) != len(models):
@@ -117,7 +128,7 @@ def simulate(out_dir=None, *, profiles=DEFAULT_PROFILES, sps_json=(), workloads=
     slas = [float(s) for s in slas]
     if any(not (s > 0 and math.isfinite(s)) for s in slas):
         raise ValueError(f"SLAs must be positive per-user speeds (tok/s), got {slas}")
-    models = _models(profiles, sps_json, dspark_layers, dspark_draft_cost)
+    models = _models(profiles, sps_json, dspark_layers, dspark_draft_cost, gamma)
     wls = _workloads(workloads, acceptance_logs, auroc, ece, context)
     short = [w.name for w in wls if w.gamma_max < gamma]
     if short:

@@ -21,12 +21,19 @@ Two kinds of model:
          "sps": [0, sps[1], ..., sps[Bmax]],
          "meta": {"name": ..., "gpus": 1, "draft_seconds": {"mtp": s, "dspark": s}, ...}}
 
-    t_target(B) = 1 / sps[B]; t_draft is meta.draft_seconds[drafter] (0 when
+    t_target(B) = 1 / sps[B] + meta.overhead_seconds + meta.kv_seconds_per_token·C·L̄
+    (both optional, default 0); t_draft is meta.draft_seconds[drafter] (0 when
     absent: the table is then taken as the whole round): seconds, or a list of
-    [C, seconds] pairs with C ascending, read by linear interpolation in C
-    (held constant past either end), because a drafter's time grows with the
-    requests it drafts for (bench/sps_profile.py measures such a list).
-    ``gpus`` divides the throughput into tok/s/GPU (default 1).
+    [C, seconds] pairs with integer C ascending, read by linear interpolation
+    in C (held constant past either end), because a drafter's time grows with
+    the requests it drafts for (bench/sps_profile.py measures such a list).
+    kv_seconds_per_token is the step time one cached context token of one
+    request adds (the attention's KV reads over all layers), so a table
+    measured over a short context serves every concurrency and context; a
+    table without it is used as measured, whatever C and L̄ it is applied to.
+    meta.gamma, when present, is the DSpark drafter's γ in the draft times, and
+    a simulation at another γ is refused. ``gpus`` divides the throughput into
+    tok/s/GPU (default 1).
 
 (b) :class:`RooflineStepModel` — a named target on a named GPU. With G GPUs
     splitting the work evenly (tensor/expert parallel; assumed perfectly
@@ -480,6 +487,8 @@ class TableStepModel(StepModel):
             raise ValueError(f"profile {self.name!r}: its SPS table covers B <= {self.max_batch}, but "
                              f"concurrency {concurrency} with γ = {gamma} needs B up to {need}")
         t = 1.0 / self.sps[: need + 1].to(torch.float64)
+        t = t + float(self.meta.get("overhead_seconds", 0.0)) \
+            + float(self.meta.get("kv_seconds_per_token", 0.0)) * concurrency * context
         t = t + draft_at(self.draft_seconds.get(drafter, 0.0), concurrency)
         t[0] = math.inf
         return t
@@ -522,7 +531,7 @@ def _valid_draft_entry(value) -> bool:
             return False
         pairs.append(pair)
     cs = [c for c, _ in pairs]
-    return all(c >= 1 for c in cs) and all(a < b for a, b in zip(cs, cs[1:])) and all(t >= 0 for _, t in pairs)
+    return all(float(c).is_integer() for c in cs) and all(c >= 1 for c in cs) and all(a < b for a, b in zip(cs, cs[1:])) and all(t >= 0 for _, t in pairs)
 
 
 def save_sps_json(profile_or_sps, path, *, name: str | None = None, gpus: int = 1,
@@ -545,8 +554,12 @@ def save_sps_json(profile_or_sps, path, *, name: str | None = None, gpus: int = 
     draft_seconds = {k: (float(v) if isinstance(v, (int, float)) else [[int(c), float(t)] for c, t in v])
                      for k, v in (draft_seconds or {}).items()}
     doc = {"format": SPS_FORMAT, "version": SPS_VERSION, "sps": [float(v) for v in values.tolist()],
-           "meta": {"name": name or pathlib.Path(os.fspath(path)).stem, "gpus": int(gpus),
-                    "draft_seconds": dict(draft_seconds or {}), **(meta or {})}}
+           "meta": {**(meta or {}), "name": name or pathlib.Path(os.fspath(path)).stem, "gpus": int(gpus),
+                    "draft_seconds": dict(draft_seconds or {})}}
+    for key in ("overhead_seconds", "kv_seconds_per_token"):
+        value = doc["meta"].get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"meta[{key!r}] must be seconds >= 0, got {value!r}")
     target = pathlib.Path(os.fspath(path))
     target.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return target
@@ -582,6 +595,10 @@ def load_sps_json(path) -> TableStepModel:
     gpus = meta.get("gpus", 1)
     if not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"{source}: meta.gpus must be a positive integer, got {gpus!r}")
+    for key in ("overhead_seconds", "kv_seconds_per_token"):
+        value = meta.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{source}: meta.{key} must be seconds >= 0, got {value!r}")
     return TableStepModel(sps, str(meta.get("name") or source.stem), gpus, dict(draft), dict(meta))
 
 
