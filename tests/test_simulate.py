@@ -548,3 +548,48 @@ def test_sps_profile_times_cuda_graphs_on_a_gpu(tmp_path):
     meta = load_sps_json(tmp_path / "g.json").meta
     assert meta["cuda_graphs"] is True and meta["graph_failures"] == [], meta["graph_failures"]
     assert meta["kv_seconds_per_token"] > 0
+
+
+def test_acceptance_log_records_conditional_confidence_and_observed_positions(tmp_path):
+    """AcceptanceLog.record: c_k = a_k / a_{k-1} (0 after a zero survival), observed = drafts verified,
+    requests that verified nothing are skipped; save -> load_acceptance_log fits the same model as fit()."""
+    from dspark_kernels.engine.simulator import AcceptanceLog
+    log = AcceptanceLog()
+    survival = torch.tensor([[0.8, 0.4, 0.2], [0.5, 0.0, 0.0], [0.9, 0.9, 0.9]])
+    log.record(num_accepted=torch.tensor([2, 0, 0]), lengths=torch.tensor([3, 1, 0], dtype=torch.int32),
+               survival=survival)
+    accepted, conf, observed = log.tensors()
+    assert accepted.tolist() == [2, 0] and observed.tolist() == [3, 1] and len(log) == 2
+    assert torch.allclose(conf, torch.tensor([[0.8, 0.5, 0.5], [0.5, 0.0, 0.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="num_accepted"):
+        log.record(num_accepted=torch.tensor([2]), lengths=torch.tensor([1]), survival=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="γ changed"):
+        log.record(num_accepted=torch.tensor([0]), lengths=torch.tensor([1]), survival=torch.ones(1, 2))
+    with pytest.raises(ValueError, match="confidence head"):
+        log.record(num_accepted=torch.tensor([0]), lengths=torch.tensor([1]), survival=None)
+    for _ in range(40):  # enough rounds with both outcomes at position 0 for an AUROC
+        log.record(num_accepted=torch.tensor([1, 0]), lengths=torch.tensor([3, 3]),
+                   survival=torch.tensor([[0.9, 0.5, 0.2], [0.3, 0.1, 0.05]]))
+    path = log.save(tmp_path / "log.json", name="unit", context_tokens=512)
+    loaded, fitted = load_acceptance_log(path), log.fit(name="unit", context_tokens=512)
+    assert loaded.accept == fitted.accept and loaded.auroc == fitted.auroc and loaded.context_tokens == 512
+
+
+def test_demo_acceptance_log_feeds_the_simulator(tmp_path):
+    """The loop the issue asks for: DSparkRound rounds (the demo's synthetic target, every draft verified)
+    -> AcceptanceLog -> a fitted workload -> simulate --acceptance-log. The log's accepted lengths match
+    the run's own count, and the fitted rates are those the run realised."""
+    from dspark_kernels.engine.demo import SyntheticTarget, run
+    from dspark_kernels.engine.simulator import AcceptanceLog
+    log = AcceptanceLog()
+    target = SyntheticTarget(48, 16, 1.0, 0)
+    res = run(30, 8, 4, 48, 16, 1.0, 0, True, "reference", target, log=log)
+    accepted, _, observed = log.tensors()
+    assert len(log) == 30 * 8 and bool((observed == 4).all())
+    assert float(accepted.double().mean()) == pytest.approx(sum(res.accepted) / len(res.accepted))
+    path = log.save(tmp_path / "demo.json", name="demo")
+    sim = simulate(None, profiles=["llama3-8b@h100"], workloads=[], acceptance_logs=[path], gamma=4,
+                   policies="mtp1,async", concurrency=[4], plots=False, request_rounds=64, min_rounds=8, max_rounds=16)
+    assert {p["workload"] for p in sim.points} == {"demo"}
+    fitted = load_acceptance_log(path)
+    assert fitted.accept[0] == pytest.approx(float((accepted > 0).double().mean()))

@@ -49,6 +49,7 @@ import torch
 from dspark_kernels import append_verify_kv, verify_attention
 
 from .round import DSparkRound
+from .simulator.acceptance import AcceptanceLog
 
 # Batched (paged, verify_attention) and sequential (dense) target logits are
 # both fp32 and differ only in summation order: logits are O(10), attention
@@ -339,7 +340,7 @@ class RunResult(NamedTuple):
 
 def run(rounds: int, requests: int, gamma: int, vocab: int, rank: int, temperature: float,
         seed: int, markov_head: bool, backend: str | None, target: SyntheticTarget,
-        policy: str = "fixed", load: str = "light") -> RunResult:
+        policy: str = "fixed", load: str = "light", log=None) -> RunResult:
     """Run DSpark rounds with DSparkRound (draft -> schedule -> pack -> verify -> sample -> advance).
 
     policy: "fixed" verifies every draft; "causal" / "async" let
@@ -348,6 +349,7 @@ def run(rounds: int, requests: int, gamma: int, vocab: int, rank: int, temperatu
     known on the host two rounds ahead). After each round the demo checks
     the target's logits for every verify row against a sequential recompute
     and records the emitted transitions with their exact conditionals.
+    log: an engine.simulator.AcceptanceLog that records every round (accepted, verified, survival).
     """
     # The demo's tensors are tiny: one intra-op thread avoids OpenMP spin-waits that cost 10x the work
     # on a loaded 2-core machine (0.66 s vs 7.7 s for 60 rounds at R = 12, measured).
@@ -355,12 +357,12 @@ def run(rounds: int, requests: int, gamma: int, vocab: int, rank: int, temperatu
     torch.set_num_threads(1)
     try:
         return _run(rounds, requests, gamma, vocab, rank, temperature, seed, markov_head, backend, target, policy,
-                    load)
+                    load, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(rounds, requests, gamma, vocab, rank, temperature, seed, markov_head, backend, target, policy, load):
+def _run(rounds, requests, gamma, vocab, rank, temperature, seed, markov_head, backend, target, policy, load, log):
     g = torch.Generator().manual_seed(seed + 1)
     anchor0 = torch.randint(0, vocab, (requests,), generator=g)
     sps = 1.0 / step_time(torch.arange(requests * (gamma + 1) + 1), load).float()
@@ -396,6 +398,8 @@ def _run(rounds, requests, gamma, vocab, rank, temperature, seed, markov_head, b
     for _ in range(rounds):
         anchor, start_pos = engine.state.anchor.clone(), engine.state.start_pos.clone()
         out = engine.step()
+        if log is not None:
+            log.record(out)
         reference = target.sequential_logits(history, anchor, out.draft_tokens, out.lengths, start_pos)
         cu = out.cu_verify
         total = int(out.total)
@@ -452,6 +456,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_target_arguments(p, rounds=200, rounds_help="rounds per Markov-head run", requests=64, gamma=5,
                          gamma_help="drafts per request per round")
     p.add_argument("--sched-rounds", type=int, default=100, help="rounds per scheduling policy (default 100)")
+    p.add_argument("--acceptance-log", default=None, metavar="FILE",
+                   help="write the Markov-head run's rounds (every draft verified) as an acceptance log for "
+                        "python -m dspark_kernels simulate --acceptance-log FILE")
     return p
 
 
@@ -475,10 +482,14 @@ def run_demo(args: argparse.Namespace) -> int:
           f"checked against a sequential recompute")
     ok = True
     worst_diff, all_rows = 0.0, 0
+    log = AcceptanceLog() if getattr(args, "acceptance_log", None) else None
     for head in (True, False):
         t0 = time.perf_counter()
         res = run(args.rounds, args.requests, args.gamma, args.vocab, args.rank,
-                  args.temperature, args.seed, head, args.backend, target)
+                  args.temperature, args.seed, head, args.backend, target, log=log if head else None)
+        if head and log is not None:
+            path = log.save(args.acceptance_log, name="demo")
+            print(f"wrote {path}: {len(log)} request-rounds (Markov head on, every draft verified)")
         secs = time.perf_counter() - t0
         stat, dof, pval = res.lossless_test()
         accepted = res.accepted

@@ -83,8 +83,11 @@ class RoundOutput(NamedTuple):
     [R] bool (finished this round); draft_tokens [R, γ] int32; lengths [R]
     int32 (drafts verified); cu_verify [R+1] int32; total [] int32 verify
     rows used (<= rows); capacity [] int32 the K the round admitted against
-    (async; -1 otherwise); target_logits [rows, V] the target's logits; and
-    on the host: rows (the bucket B the target processed), round index.
+    (async; -1 otherwise); target_logits [rows, V] the target's logits; on
+    the host: rows (the bucket B the target processed), round index; and
+    survival [R, γ] fp32, the confidence head's a_k for this round's drafts
+    (None without a confidence head; engine.simulator.AcceptanceLog records
+    it with num_accepted and lengths for the serving simulator).
     """
 
     tokens: torch.Tensor
@@ -99,6 +102,7 @@ class RoundOutput(NamedTuple):
     target_logits: torch.Tensor
     rows: int
     round: int
+    survival: torch.Tensor | None = None
 
 
 def default_buckets(num_requests: int, gamma: int, multiple: int = 8, max_graphs: int = 64) -> list[int]:
@@ -320,7 +324,7 @@ class DSparkRound:
         for name in ("anchor", "start_pos", "num_generated", "active", "offset"):
             getattr(s, name).copy_(getattr(nxt, name))
         produced = RoundOutput(tokens, nxt.num_emitted, n_acc, nxt.finished, draft.tokens, lengths, cu, total,
-                               capacity, target_logits, rows, self.rounds)
+                               capacity, target_logits, rows, self.rounds, draft.survival)
         if not self.use_graphs:
             return produced
         out = self._out.get(rows)

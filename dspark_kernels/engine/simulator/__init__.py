@@ -24,7 +24,7 @@ Modules (each docstring states its math, units and the source of every constant)
   ``run``: :func:`simulate`; ``cli``: the command.
 """
 
-from .acceptance import WORKLOADS, AcceptanceModel, fit_acceptance, load_acceptance_log
+from .acceptance import WORKLOADS, AcceptanceLog, AcceptanceModel, fit_acceptance, load_acceptance_log
 from .core import DEFAULT_POLICIES, Policy, parse_policies, simulate_point, sweep
 from .report import format_sla_table, per_user_at, sla_table, throughput_at
 from .run import DEFAULT_PROFILES, DEFAULT_SLAS, Simulation, matched_throughput_gains, simulate
@@ -32,7 +32,7 @@ from .steptime import (GPUS, TARGETS, RooflineStepModel, TableStepModel, load_sp
                        profile_names, save_sps_json)
 
 __all__ = [
-    "AcceptanceModel", "DEFAULT_POLICIES", "DEFAULT_PROFILES", "DEFAULT_SLAS", "GPUS", "Policy",
+    "AcceptanceLog", "AcceptanceModel", "DEFAULT_POLICIES", "DEFAULT_PROFILES", "DEFAULT_SLAS", "GPUS", "Policy",
     "RooflineStepModel", "Simulation", "TARGETS", "TableStepModel", "WORKLOADS", "fit_acceptance",
     "format_sla_table", "load_acceptance_log", "load_sps_json", "matched_throughput_gains", "named_profile",
     "parse_policies", "per_user_at", "profile_names", "save_sps_json", "simulate", "simulate_point",

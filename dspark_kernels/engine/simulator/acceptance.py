@@ -68,6 +68,7 @@ from ..calibration import auroc as _auroc
 from ..calibration import ece as _ece
 
 __all__ = [
+    "AcceptanceLog",
     "AcceptanceModel",
     "DEFAULT_AUROC",
     "DEFAULT_ECE",
@@ -372,6 +373,87 @@ def fit_acceptance(accepted_len, confidence, *, observed_len=None, name: str = "
     ece = _ece(torch.cat(probs), torch.cat(outcomes))
     return AcceptanceModel(name, tuple(rates), auroc=auroc, ece=min(ece, 0.499), context_tokens=context_tokens,
                            output_tokens=output_tokens, source=f"fitted from a log of {num} rounds")
+
+
+class AcceptanceLog:
+    """Rounds of an engine, recorded for :func:`fit_acceptance` and written in the file format
+    :func:`load_acceptance_log` reads (``simulate --acceptance-log FILE``).
+
+    ``record(out)`` takes a ``DSparkRound.step()`` output (or the same fields by keyword): per request
+    the drafts it accepted (num_accepted), the drafts it verified (lengths: the observed positions)
+    and the confidence head's survival a_k, stored as the per-position conditional confidence
+    c_k = a_k / a_{k-1} (a_0 = 1; c_k = 0 after a zero survival). Requests that verified nothing
+    (inactive, or lengths 0) are skipped. Each call copies to the host: a logging tool, not for a
+    hot loop.
+
+    Bias: a scheduled engine verifies the positions its scheduler trusts, so rates fitted from a
+    causal/async log are conditional on that choice (higher than the drafter's). Record a run
+    that verifies every draft (policy "fixed") for the drafter's own rates and head quality;
+    ``python -m dspark_kernels demo --acceptance-log FILE`` does that.
+
+    Example::
+
+        log = AcceptanceLog()
+        for _ in range(rounds):
+            log.record(engine.step())
+        log.save("log.json", name="my-workload", context_tokens=2048)
+    """
+
+    def __init__(self):
+        self.accepted: list[torch.Tensor] = []
+        self.confidence: list[torch.Tensor] = []
+        self.observed: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return sum(int(a.shape[0]) for a in self.accepted)
+
+    def record(self, out=None, *, num_accepted=None, lengths=None, survival=None) -> None:
+        if out is not None:
+            num_accepted, lengths, survival = out.num_accepted, out.lengths, out.survival
+        if num_accepted is None or lengths is None or survival is None:
+            raise ValueError("record needs num_accepted, lengths and survival (the round's drafter needs a "
+                             "confidence head: RoundOutput.survival is None without one)")
+        acc = torch.as_tensor(num_accepted).detach().to("cpu", torch.int64).reshape(-1)
+        ell = torch.as_tensor(lengths).detach().to("cpu", torch.int64).reshape(-1)
+        a = torch.as_tensor(survival).detach().to("cpu", torch.float64)
+        if a.dim() != 2 or a.shape[0] != acc.shape[0] or ell.shape != acc.shape:
+            raise ValueError(f"survival must be [R, γ] with R = len(num_accepted) = {acc.shape[0]} and lengths [R], "
+                             f"got survival {tuple(a.shape)}, lengths {tuple(ell.shape)}")
+        if self.confidence and a.shape[1] != self.confidence[0].shape[1]:
+            raise ValueError(f"γ changed between rounds: {self.confidence[0].shape[1]} then {a.shape[1]}")
+        if bool((acc > ell).any()) or bool((acc < 0).any()):
+            raise ValueError("num_accepted must lie in [0, lengths]")
+        prev = torch.cat([torch.ones(a.shape[0], 1, dtype=torch.float64), a[:, :-1]], dim=1)
+        conf = torch.where(prev > 0, a / prev.clamp_min(1e-300), torch.zeros_like(a)).clamp(0.0, 1.0)
+        keep = ell > 0
+        self.accepted.append(acc[keep])
+        self.confidence.append(conf[keep])
+        self.observed.append(ell[keep])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(accepted_len [N], confidence [N, γ], observed_len [N]) over every recorded request-round."""
+        if not self.accepted:
+            raise ValueError("the log holds no rounds")
+        return torch.cat(self.accepted), torch.cat(self.confidence), torch.cat(self.observed)
+
+    def fit(self, **kwargs) -> AcceptanceModel:
+        """:func:`fit_acceptance` on the recorded rounds (keywords: name, context_tokens, output_tokens)."""
+        accepted, conf, observed = self.tensors()
+        return fit_acceptance(accepted, conf, observed_len=observed, **kwargs)
+
+    def save(self, path, *, name: str = "logged", context_tokens: float | None = None,
+             output_tokens: float | None = None) -> pathlib.Path:
+        """Write the JSON :func:`load_acceptance_log` reads; returns the path."""
+        accepted, conf, observed = self.tensors()
+        doc = {"name": name, "accepted_len": accepted.tolist(), "confidence": conf.tolist(),
+               "observed_len": observed.tolist()}
+        if context_tokens is not None:
+            doc["context_tokens"] = float(context_tokens)
+        if output_tokens is not None:
+            doc["output_tokens"] = float(output_tokens)
+        target = pathlib.Path(os.fspath(path))
+        target.write_text(json.dumps(doc, allow_nan=False) + "\n")
+        return target
 
 
 def load_acceptance_log(path, **kwargs) -> AcceptanceModel:
