@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--workloads", type=_csv(str), default=list(WORKLOADS),
                    help=f"acceptance models, comma-separated (default {','.join(WORKLOADS)})")
     p.add_argument("--acceptance-log", action="append", default=[], metavar="FILE",
-                   help="fit a workload from a JSON log {accepted_len, confidence[, observed_len, name]}; repeatable")
+                   help="fit a workload from a JSON log {accepted_len, confidence[, observed_len, name]} (written by "
+                        "engine.simulator.AcceptanceLog or python -m dspark_kernels demo --acceptance-log); "
+                        "repeatable")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"default {DEFAULT_POLICIES}")
     p.add_argument("--gamma", type=int, default=DEFAULT_GAMMA,
                    help=f"drafts per round of the DSpark drafter (default {DEFAULT_GAMMA})")
