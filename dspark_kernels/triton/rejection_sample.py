@@ -38,6 +38,7 @@ import triton.language as tl
 
 from .. import constants as C
 from . import rng
+from .ragged import request_rows
 from .sampling import argmax_update, greedy_and_inverse, key_to_float, ordered_key, scaled_tile_mul, softmax_stats
 
 # One tile of the vocabulary per loop iteration. 1024 fp32 lanes = 4 KB per
@@ -72,6 +73,20 @@ def _key(z):
 def _keep_topk(key, idx, kth_key, kth_id):
     """In the top k: before the k-th token (kth_key, kth_id) in the order (z descending, id ascending)."""
     return (key > kth_key) | ((key == kth_key) & (idx <= kth_id))
+
+
+@triton.jit
+def load_row_stats(stats_f_ptr, stats_i_ptr, row, live):
+    """The row statistics row_statistics stored for one target row (m, zk, pthr, z2 fp32; kth_key, kth_id
+    int32: what _target_prob needs), neutral values where not live; the argmax (word 2) is loaded by the
+    callers that need it."""
+    m = tl.load(stats_f_ptr + row * 4, mask=live, other=0.0)
+    zk = tl.load(stats_f_ptr + row * 4 + 1, mask=live, other=1.0)
+    pthr = tl.load(stats_f_ptr + row * 4 + 2, mask=live, other=0.0)
+    z2 = tl.load(stats_f_ptr + row * 4 + 3, mask=live, other=1.0)
+    kth_key = tl.load(stats_i_ptr + row * 3, mask=live, other=_INT32_MIN)
+    kth_id = tl.load(stats_i_ptr + row * 3 + 1, mask=live, other=_NO_KTH_ID)
+    return m, zk, pthr, z2, kth_key, kth_id
 
 
 @triton.jit
@@ -367,13 +382,9 @@ def _race_kernel(
 ):
     r = tl.program_id(0).to(tl.int64)
     sl = tl.program_id(1).to(tl.int64)
-    start = tl.load(cu_ptr + r * stride_cu).to(tl.int64)
-    nrows = tl.load(cu_ptr + (r + 1) * stride_cu).to(tl.int64) - start
     # Inputs are trusted only as far as the value checks went: every index is clamped so that
     # inconsistent lengths / cu_verify can never read out of bounds.
-    live = (nrows > 0) & (start >= 0) & (start < num_rows)
-    length = tl.minimum(tl.maximum(tl.load(lengths_ptr + r * stride_len).to(tl.int64), 0), gamma)
-    length = tl.where(live, tl.minimum(tl.minimum(length, num_rows - 1 - start), nrows - 1), 0)
+    start, live, length = request_rows(cu_ptr, stride_cu, r, num_rows, tl.load(lengths_ptr + r * stride_len), gamma)
     greedy, inv_t = greedy_and_inverse(tl.load(temp_ptr + r * stride_temp))
     seed = tl.load(seed_ptr + r * stride_seed)
     offset = tl.load(offset_ptr)
@@ -420,12 +431,7 @@ def _race_kernel(
     x_rej = tl.load(drafts_ptr + r * stride_dr + j_rej * stride_dj, mask=rejected, other=0).to(tl.int64)
     has_q = rejected & (x_rej >= 0) & (x_rej < vocab)  # an invalid draft has no draft distribution
     x_rej = tl.minimum(tl.maximum(x_rej, 0), vocab - 1)
-    m = tl.load(stats_f_ptr + row * 4, mask=live, other=0.0)
-    zk = tl.load(stats_f_ptr + row * 4 + 1, mask=live, other=1.0)
-    pthr = tl.load(stats_f_ptr + row * 4 + 2, mask=live, other=0.0)
-    z2 = tl.load(stats_f_ptr + row * 4 + 3, mask=live, other=1.0)
-    kth_key = tl.load(stats_i_ptr + row * 3, mask=live, other=_INT32_MIN)
-    kth_id = tl.load(stats_i_ptr + row * 3 + 1, mask=live, other=_NO_KTH_ID)
+    m, zk, pthr, z2, kth_key, kth_id = load_row_stats(stats_f_ptr, stats_i_ptr, row, live)
     dbase = dlogits_ptr + r * stride_gr + j_rej * stride_gj
     p_dx = tl.full((), 1.0, tl.float32)
     u_x = tl.full((), 0.0, tl.float32)

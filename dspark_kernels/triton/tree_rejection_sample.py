@@ -33,7 +33,8 @@ import triton.language as tl
 
 from .. import constants as C
 from . import rng
-from .rejection_sample import BLOCK_V, _INT32_MIN, _NO_KTH_ID, _slices, _target_prob, merged_token, row_statistics
+from .ragged import request_rows
+from .rejection_sample import BLOCK_V, _slices, _target_prob, load_row_stats, merged_token, row_statistics
 from .sampling import argmax_update, greedy_and_inverse, scaled_tile_mul
 
 STREAM_ACCEPT = tl.constexpr(C.STREAM_ACCEPT)
@@ -49,12 +50,8 @@ WALK_WARPS = 8
 
 @triton.jit
 def _load_stats(stats_f_ptr, stats_i_ptr, row, live):
-    m = tl.load(stats_f_ptr + row * 4, mask=live, other=0.0)
-    zk = tl.load(stats_f_ptr + row * 4 + 1, mask=live, other=1.0)
-    pthr = tl.load(stats_f_ptr + row * 4 + 2, mask=live, other=0.0)
-    z2 = tl.load(stats_f_ptr + row * 4 + 3, mask=live, other=1.0)
-    kth_key = tl.load(stats_i_ptr + row * 3, mask=live, other=_INT32_MIN)
-    kth_id = tl.load(stats_i_ptr + row * 3 + 1, mask=live, other=_NO_KTH_ID)
+    """load_row_stats and the row's argmax (the walk's greedy test)."""
+    m, zk, pthr, z2, kth_key, kth_id = load_row_stats(stats_f_ptr, stats_i_ptr, row, live)
     amax = tl.load(stats_i_ptr + row * 3 + 2, mask=live, other=0)
     return m, zk, pthr, z2, kth_key, kth_id, amax
 
@@ -85,12 +82,8 @@ def _walk_kernel(
     STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
-    start = tl.load(cu_ptr + r * stride_cu).to(tl.int64)
-    nrows = tl.load(cu_ptr + (r + 1) * stride_cu).to(tl.int64) - start
     # Trusted only as far as the value checks went: every index is clamped (as rejection_sample).
-    live = (nrows > 0) & (start >= 0) & (start < num_rows)
-    n = tl.minimum(tl.maximum(tl.load(nn_ptr + r * stride_nn).to(tl.int64), 0), n_max)
-    n = tl.where(live, tl.minimum(tl.minimum(n, num_rows - 1 - start), nrows - 1), 0)
+    start, live, n = request_rows(cu_ptr, stride_cu, r, num_rows, tl.load(nn_ptr + r * stride_nn), n_max)
     greedy, inv_t = greedy_and_inverse(tl.load(temp_ptr + r * stride_temp))
     seed = tl.load(seed_ptr + r * stride_seed)
     offset = tl.load(offset_ptr)
@@ -192,7 +185,7 @@ def _race_kernel(
     _greedy, inv_t = greedy_and_inverse(tl.load(temp_ptr + r * stride_temp))
     seed = tl.load(seed_ptr + r * stride_seed)
     offset = tl.load(offset_ptr)
-    m, zk, pthr, z2, kth_key, kth_id, _amax = _load_stats(stats_f_ptr, stats_i_ptr, row, live)
+    m, zk, pthr, z2, kth_key, kth_id = load_row_stats(stats_f_ptr, stats_i_ptr, row, live)
     qrow = dprobs_ptr + r * stride_pr + first * stride_pn
 
     v_lo = sl * slice_width
