@@ -272,17 +272,28 @@ def parser():
     return p
 
 
-def build_cases(args, device: torch.device) -> list[harness.Case]:
+def checked_modes(args, known: tuple) -> list[str]:
+    """--modes (each one of ``known``) and --accept (in (0, 1)) checked; the modes asked for, in order."""
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in known]
     if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES}")
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {known}")
     if not 0.0 < args.accept < 1.0:
         raise SystemExit(f"--accept must lie in (0, 1), got {args.accept}")
+    return modes
+
+
+def logit_dtype(args, device: torch.device) -> torch.dtype:
+    """--dtype, else bf16 on CUDA (the engines' target logits) and fp32 on CPU (no bf16 math interpreted)."""
+    return DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def build_cases(args, device: torch.device) -> list[harness.Case]:
+    modes = checked_modes(args, MODES)
     Rs = harness.shape_grid(args, "R", FULL_R, QUICK_R, SMOKE_R)
     gammas = harness.shape_grid(args, "gamma", FULL_GAMMA, QUICK_GAMMA, SMOKE_GAMMA)
     Vs = harness.shape_grid(args, "V", FULL_V, QUICK_V, SMOKE_V)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = logit_dtype(args, device)
     if args.top_k is not None and args.top_k < 1:
         raise SystemExit(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:

@@ -32,7 +32,6 @@ Usage (from the repository root):
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -43,6 +42,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable from the
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import harness  # noqa: E402
+from bench.bench_rejection_sample import DTYPES, bump_for, checked_modes, logit_dtype  # noqa: E402
 
 OP = "tree_rejection_sample"
 SMOKE_TEST = (["--modes", "onehot,full"], ("R", "chains", "gamma", "V", "T", "mode", "dtype"))
@@ -54,12 +54,6 @@ QUICK_R, QUICK_CHAINS, QUICK_GAMMA, QUICK_V = [1, 3], [2], [2], [257]
 SMOKE_R, SMOKE_CHAINS, SMOKE_GAMMA, SMOKE_V = [2], [2], [2], [257]
 MODES = ("onehot", "full")
 DEFAULT_ACCEPT = 0.8
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def bump_for(accept: float, V: int) -> float:
-    """Logit bump b that gives one token probability ~accept among V-1 N(0,1) logits."""
-    return math.log(accept / (1.0 - accept) * (V - 1) * math.exp(0.5))
 
 
 def make_case(R: int, chains: int, gamma: int, V: int, mode: str, dtype: torch.dtype, accept: float,
@@ -146,17 +140,12 @@ def parser():
 
 
 def build_cases(args, device: torch.device) -> list[harness.Case]:
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES}")
-    if not 0.0 < args.accept < 1.0:
-        raise SystemExit(f"--accept must lie in (0, 1), got {args.accept}")
+    modes = checked_modes(args, MODES)
     Rs = harness.shape_grid(args, "R", FULL_R, QUICK_R, SMOKE_R)
     chains = harness.shape_grid(args, "chains", FULL_CHAINS, QUICK_CHAINS, SMOKE_CHAINS)
     gammas = harness.shape_grid(args, "gamma", FULL_GAMMA, QUICK_GAMMA, SMOKE_GAMMA)
     Vs = harness.shape_grid(args, "V", FULL_V, QUICK_V, SMOKE_V)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = logit_dtype(args, device)
     return [make_case(R, b, gamma, V, mode, dtype, args.accept, device)
             for mode in modes for V in Vs for gamma in gammas for b in chains for R in Rs]
 
