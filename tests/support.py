@@ -55,6 +55,22 @@ def debug_mode(on: bool):
         dk.set_debug(was)
 
 
+def capture_graph(fn, warmup: int = 3):
+    """(graph, outputs): fn() warmed up ``warmup`` times on a side stream (Triton compiles, the caching
+    allocator settles; the torch.cuda.graphs recipe), then captured once. Replaying the graph rewrites
+    ``outputs`` in place from whatever the captured input tensors hold."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 @contextlib.contextmanager
 def count_launches():
     """Counts Triton kernel launches in the block: a list whose length is the count, one kernel

@@ -15,7 +15,7 @@ import dspark_kernels as dk
 from dspark_kernels.ops import append_verify_kv as op
 
 from host_sync import HostSyncSpy
-from support import DEVICE, available_backends, debug_mode, interpreted
+from support import DEVICE, available_backends, capture_graph, debug_mode, interpreted
 
 BACKENDS = available_backends(op)
 
@@ -317,14 +317,7 @@ def test_cuda_graph_pack_and_append(backend):
         static = {k: v.cuda() for k, v in inputs(0).items()}
         k_cache = torch.zeros(num_pages, page_size, heads, dim, dtype=torch.bfloat16, device="cuda")
         v_cache = torch.zeros_like(k_cache)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step(static, k_cache, v_cache)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step(static, k_cache, v_cache)
+        graph, out = capture_graph(lambda: step(static, k_cache, v_cache), warmup=1)
         for seed in (1, 2, 3):
             fresh = {k: v.cuda() for k, v in inputs(seed).items()}
             for k, v in fresh.items():

@@ -40,7 +40,7 @@ from dspark_kernels.ops import markov_draft as md_op
 from dspark_kernels.ops import rejection_sample as rs_op
 from dspark_kernels.ops import schedule_verify as sv_op
 
-from support import debug_mode
+from support import capture_graph, debug_mode
 
 
 # Compiled backends under test; each test skips one that cannot run its ops here.
@@ -73,17 +73,7 @@ class _Step:
         if not torch.cuda.is_available():
             raise RuntimeError("capture=True needs a CUDA GPU")
         assert not dk.debug_enabled(), "value checks read device values (host syncs): turn debug off to capture"
-        # torch.cuda.graphs docs: warm up on a side stream (Triton compiles, the caching
-        # allocator settles), then capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self.fn()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self.fn()
+        self.graph, self.outputs = capture_graph(self.fn, warmup)
 
     def __call__(self) -> tuple[torch.Tensor, ...]:
         if self.graph is None:

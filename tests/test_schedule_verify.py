@@ -18,7 +18,7 @@ from dspark_kernels.ops import schedule_verify as op
 
 from host_sync import HostSyncSpy
 from stats import rate_test
-from support import DEVICE, available_backends, debug_mode, interpreted
+from support import DEVICE, available_backends, capture_graph, debug_mode, interpreted
 
 BACKENDS = available_backends(op)
 
@@ -741,15 +741,7 @@ def _check_graph_capture(backend, mode):
     num_req, gamma = 9, 5
     static = [None if a is None else a.cuda() for a in _pipeline_inputs(rng, num_req, gamma, mode)]
     step = _pipeline(mode, backend)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step(*static)
+    graph, outs = capture_graph(lambda: step(*static))
     for trial in range(4):
         fresh = _pipeline_inputs(rng, num_req, gamma, mode)
         for dst, src in zip(static, fresh):

@@ -23,7 +23,7 @@ from dspark_kernels.ops import verify_attention as op
 
 from host_sync import HostSyncSpy
 from paged_batch import ancestors, make_batch
-from support import DEVICE, available_backends, debug_mode, interpreted
+from support import DEVICE, available_backends, capture_graph, debug_mode, interpreted
 
 BACKENDS = available_backends(op)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -497,15 +497,7 @@ def test_cuda_graph_capture_replay(backend, variant):
         def step():
             return op.verify_attention(**static, backend=backend, return_lse=True, **kw)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            g_out, g_lse = step()
+        graph, (g_out, g_lse) = capture_graph(step, warmup=2)
         for fresh in batches[1:] + batches[:1]:
             for name, t in fresh.items():
                 if t is not None:

@@ -13,7 +13,7 @@ import dspark_kernels as dk
 from dspark_kernels.ops import verify_capacity as op
 
 from host_sync import HostSyncSpy
-from support import DEVICE, available_backends, debug_mode, interpreted
+from support import DEVICE, available_backends, capture_graph, debug_mode, interpreted
 
 BACKENDS = available_backends(op)
 PAPER_SPS = [0.0, 1.0, 0.5, 0.45]
@@ -265,15 +265,7 @@ def test_cuda_graph_capture(backend):
             k = dk.verify_capacity(hist, sps, backend=backend)
             return k, *dk.schedule_verify(surv, sps, mode="async", capacity=k, backend=backend)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = step(*static)
+        graph, outs = capture_graph(lambda: step(*static))
         for trial in range(4):
             new = fresh()
             for dst, src in zip(static, new):
