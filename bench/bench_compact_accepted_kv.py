@@ -39,7 +39,7 @@ FULL_R, FULL_N = [8, 64, 256], [1, 4, 7]
 QUICK_R, QUICK_N = [3, 8], [4]
 SMOKE_R, SMOKE_N = [3], [2]
 HEADS, DIM, PAGE, CHAINS, GAMMA = 8, 128, 16, 3, 7
-GRAPH_SUFFIX = "+graph"
+GRAPH_SUFFIX = harness.GRAPH_SUFFIX
 
 
 def make_case(R: int, n: int, device: torch.device) -> harness.Case:

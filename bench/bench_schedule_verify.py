@@ -74,7 +74,7 @@ CONFIDENCE_LOW = 0.6
 GOAL_US = 10.0
 GOAL_R = 1024
 GOAL_GAMMA = 16
-GRAPH_SUFFIX = "+graph"
+GRAPH_SUFFIX = harness.GRAPH_SUFFIX
 
 
 def sps_table(max_tokens: int, device: torch.device) -> torch.Tensor:
@@ -178,29 +178,18 @@ def evaluate_goal(report: dict) -> dict:
         "per_mode": {},
         "met": None,
     }
-    cases = [c for c in report["cases"] if c["params"]["R"] == GOAL_R and c["params"]["gamma"] == GOAL_GAMMA]
-    if not cases:
-        goal["status"] = f"not measured: no case with R={GOAL_R}, gamma={GOAL_GAMMA} in this run"
-        return goal
-    if report["meta"]["device_type"] != "cuda":
-        goal["status"] = "not measured: CUDA graphs need a CUDA device"
+    cases, why = harness.goal_cases(report, GOAL_R, GOAL_GAMMA)
+    if why:
+        goal["status"] = why
         return goal
     for case in cases:
-        timed = {name: rec for name, rec in case["providers"].items()
-                 if name.endswith(GRAPH_SUFFIX) and rec.get("status") == "ok"}
-        for rec in timed.values():
-            rec["goal_met"] = rec["median_us"] <= GOAL_US
-        if not timed:
-            goal["per_mode"][case["params"]["mode"]] = {"status": "not measured: no graph provider ran", "met": None}
-            continue
-        best = min(timed, key=lambda name: timed[name]["median_us"])
-        goal["per_mode"][case["params"]["mode"]] = {
-            "best_provider": best,
-            "replay_median_us": timed[best]["median_us"],
-            "back_to_back_us": timed[best].get("graph_back_to_back_us"),
-            "all": {name: rec["median_us"] for name, rec in timed.items()},
-            "met": timed[best]["median_us"] <= GOAL_US,
-        }
+        for name, rec in case["providers"].items():
+            if name.endswith(GRAPH_SUFFIX) and rec.get("status") == "ok":
+                rec["goal_met"] = rec["median_us"] <= GOAL_US
+        best = harness.best_graph_replay(case)
+        goal["per_mode"][case["params"]["mode"]] = (
+            {"status": "not measured: no graph provider ran", "met": None} if best is None
+            else {**best, "met": best["replay_median_us"] <= GOAL_US})
     verdicts = [m["met"] for m in goal["per_mode"].values()]
     if not verdicts or any(v is None for v in verdicts):
         goal["status"] = "not measured: a mode has no graph replay timing"

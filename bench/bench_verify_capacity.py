@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable from the
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import harness  # noqa: E402
-from bench.bench_schedule_verify import (CONFIDENCE_LOW, FULL_GAMMA, FULL_R, GRAPH_SUFFIX, KNEE_TOKENS,  # noqa: E402
+from bench.bench_schedule_verify import (CONFIDENCE_LOW, FULL_GAMMA, FULL_R, KNEE_TOKENS,  # noqa: E402
                                          QUICK_GAMMA, QUICK_R, SMOKE_GAMMA, SMOKE_R, STEP_SECONDS, sps_table)
 
 OP = "verify_capacity"
@@ -93,23 +93,13 @@ def evaluate_goal(report: dict) -> dict:
     goal = {"description": f"CUDA-graph replay of verify_capacity at R={GOAL_R}, gamma={GOAL_GAMMA} takes "
                            f"<= {GOAL_US:g} us (median per-replay CUDA-event time, best of our backends)",
             "target_us": GOAL_US, "R": GOAL_R, "gamma": GOAL_GAMMA, "met": None}
-    cases = [c for c in report["cases"] if c["params"]["R"] == GOAL_R and c["params"]["gamma"] == GOAL_GAMMA]
-    if not cases:
-        goal["status"] = f"not measured: no case with R={GOAL_R}, gamma={GOAL_GAMMA} in this run"
+    cases, why = harness.goal_cases(report, GOAL_R, GOAL_GAMMA)
+    best = harness.best_graph_replay(cases[0]) if cases else None
+    if best is None:
+        goal["status"] = why or "not measured: no graph provider ran"
         return goal
-    if report["meta"]["device_type"] != "cuda":
-        goal["status"] = "not measured: CUDA graphs need a CUDA device"
-        return goal
-    timed = {name: rec for name, rec in cases[0]["providers"].items()
-             if name.endswith(GRAPH_SUFFIX) and rec.get("status") == "ok"}
-    if not timed:
-        goal["status"] = "not measured: no graph provider ran"
-        return goal
-    best = min(timed, key=lambda name: timed[name]["median_us"])
-    goal.update(best_provider=best, replay_median_us=timed[best]["median_us"],
-                back_to_back_us=timed[best].get("graph_back_to_back_us"),
-                all={name: rec["median_us"] for name, rec in timed.items()})
-    goal["met"] = timed[best]["median_us"] <= GOAL_US
+    goal.update(best)
+    goal["met"] = best["replay_median_us"] <= GOAL_US
     goal["status"] = "met" if goal["met"] else "missed"
     return goal
 

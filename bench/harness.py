@@ -898,10 +898,36 @@ def keyword_providers(op: str, note: str = "") -> list:
         Provider("reference-compiled", compiled_reference(op),
                  note=f"torch.compile(dspark_kernels.reference.{op}.{op}){tail}"),
         Provider("triton", public("triton"), note=f'backend="triton"{tail}'),
-        Provider(REFERENCE_EAGER + "+graph", graph_provider(public("reference")),
+        Provider(REFERENCE_EAGER + GRAPH_SUFFIX, graph_provider(public("reference")),
                  note=f'backend="reference"; {graph}{tail}'),
-        Provider("triton+graph", graph_provider(public("triton")), note=f'backend="triton"; {graph}{tail}'),
+        Provider("triton" + GRAPH_SUFFIX, graph_provider(public("triton")), note=f'backend="triton"; {graph}{tail}'),
     ]
+
+
+GRAPH_SUFFIX = "+graph"  # providers whose per-call time is one CUDA-graph replay
+
+
+def goal_cases(report: dict, R: int, gamma: int) -> tuple[list, str | None]:
+    """(the report's cases at R, γ, None), or ([], why a graph-replay goal there is not measured)."""
+    cases = [c for c in report["cases"] if c["params"]["R"] == R and c["params"]["gamma"] == gamma]
+    if not cases:
+        return [], f"not measured: no case with R={R}, gamma={gamma} in this run"
+    if report["meta"]["device_type"] != "cuda":
+        return [], "not measured: CUDA graphs need a CUDA device"
+    return cases, None
+
+
+def best_graph_replay(case: dict) -> dict | None:
+    """The fastest graph provider that ran in ``case``: {best_provider, replay_median_us, back_to_back_us,
+    all: {provider: median_us}}, or None when no graph provider ran."""
+    timed = {name: rec for name, rec in case["providers"].items()
+             if name.endswith(GRAPH_SUFFIX) and rec.get("status") == "ok"}
+    if not timed:
+        return None
+    best = min(timed, key=lambda name: timed[name]["median_us"])
+    return {"best_provider": best, "replay_median_us": timed[best]["median_us"],
+            "back_to_back_us": timed[best].get("graph_back_to_back_us"),
+            "all": {name: rec["median_us"] for name, rec in timed.items()}}
 
 
 def r_gamma_parser(description: str, full_r: list, full_gamma: list) -> argparse.ArgumentParser:

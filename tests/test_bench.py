@@ -158,6 +158,22 @@ def test_schedule_verify_goal(tmp_path):
     assert goal["met"] is False and goal["status"] == "missed"
 
 
+def test_verify_capacity_goal_follows_the_best_graph_replay():
+    """The same goal logic (harness.goal_cases / best_graph_replay) for verify_capacity's single case."""
+    bench = _load("bench_verify_capacity")
+    case = {"params": {"R": bench.GOAL_R, "gamma": bench.GOAL_GAMMA},
+            "providers": {"triton+graph": {"status": "ok", "median_us": bench.GOAL_US + 1.0},
+                          "reference-eager+graph": {"status": "ok", "median_us": bench.GOAL_US - 1.0},
+                          "triton": {"status": "ok", "median_us": 0.5}}}
+    goal = bench.evaluate_goal({"meta": {"device_type": "cuda"}, "cases": [case]})
+    assert goal["status"] == "met" and goal["best_provider"] == "reference-eager+graph"
+    assert goal["all"] == {"triton+graph": bench.GOAL_US + 1.0, "reference-eager+graph": bench.GOAL_US - 1.0}
+    case["providers"]["reference-eager+graph"]["status"] = "error"
+    assert bench.evaluate_goal({"meta": {"device_type": "cuda"}, "cases": [case]})["status"] == "missed"
+    assert bench.evaluate_goal({"meta": {"device_type": "cpu"}, "cases": [case]})["status"].startswith("not measured")
+    assert "no case" in bench.evaluate_goal({"meta": {"device_type": "cuda"}, "cases": []})["status"]
+
+
 def test_external_peer_failure_is_unavailable(capsys):
     """A peer library whose API does not match is recorded as unavailable, never as an error of the run."""
     from bench import harness
