@@ -110,26 +110,27 @@ def schedule(mode: str):
     return call
 
 
-def pack(backend):
-    g = _gen(3)
+def _pack_inputs(seed: int):
+    """(generator, anchor, tokens, lengths, cu_verify, start_pos) of pack_verify for R requests, one with no
+    drafts."""
+    g = _gen(seed)
     lengths = torch.tensor([GAMMA, 0, 2, GAMMA, 1], dtype=torch.int32, device=DEVICE)
     cu = torch.zeros(R + 1, dtype=torch.int32, device=DEVICE)
     cu[1:] = torch.cumsum(lengths + 1, 0)
     tokens = torch.randint(0, V_ODD, (R, GAMMA), generator=g, device=DEVICE, dtype=torch.int32)
     anchor = torch.randint(0, V_ODD, (R,), generator=g, device=DEVICE, dtype=torch.int32)
     start = torch.tensor([5, 0, 17, 100, 9], dtype=torch.int32, device=DEVICE)
+    return g, anchor, tokens, lengths, cu, start
+
+
+def pack(backend):
+    _, anchor, tokens, lengths, cu, start = _pack_inputs(3)
     return tuple(dk.pack_verify(anchor, tokens, lengths, cu, start, backend=backend))
 
 
 def pack_bucket(backend):
     """pack_verify into a 40-row bucket with a page table of 5-slot pages and a scratch slot."""
-    g = _gen(5)
-    lengths = torch.tensor([GAMMA, 0, 2, GAMMA, 1], dtype=torch.int32, device=DEVICE)
-    cu = torch.zeros(R + 1, dtype=torch.int32, device=DEVICE)
-    cu[1:] = torch.cumsum(lengths + 1, 0)
-    tokens = torch.randint(0, V_ODD, (R, GAMMA), generator=g, device=DEVICE, dtype=torch.int32)
-    anchor = torch.randint(0, V_ODD, (R,), generator=g, device=DEVICE, dtype=torch.int32)
-    start = torch.tensor([5, 0, 17, 100, 9], dtype=torch.int32, device=DEVICE)
+    g, anchor, tokens, lengths, cu, start = _pack_inputs(5)
     page_table = torch.randperm(R * 25, generator=g, device=DEVICE).reshape(R, 25).to(torch.int32)
     return tuple(dk.pack_verify(anchor, tokens, lengths, cu, start, num_rows=40, page_table=page_table, page_size=5,
                                 num_pages=R * 25 + 1, scratch_slot=R * 25 * 5, pad_token=7, backend=backend))

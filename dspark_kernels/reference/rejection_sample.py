@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import rng
-from .sampling import filtered_probs, greedy_onehot, gumbel_sample, inverse_temperature
+from .sampling import filtered_probs, greedy_onehot, gumbel_sample, inverse_temperature, request_rows
 
 
 def rejection_sample(a) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,14 +27,8 @@ def rejection_sample(a) -> tuple[torch.Tensor, torch.Tensor]:
 
     req = torch.arange(num_req, device=device)
     pos = torch.arange(gamma + 1, device=device)
-    # Unchecked path: metadata is trusted only as far as it stays in bounds. A request is live when it
-    # has rows and its first row exists; it verifies at most the drafts whose target rows exist.
-    cu = a.cu_verify.to(torch.int64)
-    starts = cu[:-1]
-    live = (cu[1:] - starts > 0) & (starts >= 0) & (starts < num_rows)
-    room = torch.minimum(num_rows - 1 - starts.clamp(0, num_rows - 1), cu[1:] - starts - 1)
-    lengths = torch.minimum(a.lengths.to(torch.int64).clamp(0, gamma), room)
-    lengths = torch.where(live, lengths, torch.zeros_like(lengths))
+    # Unchecked path: a request verifies at most the drafts whose target rows exist.
+    starts, live, lengths = request_rows(a.cu_verify, a.lengths, gamma, num_rows)
     greedy, _ = inverse_temperature(a.temperature)
 
     # Target distribution of every row a request may read: rows[r, j] = cu[r] + j.

@@ -35,6 +35,20 @@ def greedy_onehot(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def request_rows(cu_verify: torch.Tensor, counts: torch.Tensor, count_max: int,
+                 num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(starts [R] int64, live [R] bool, counts [R] int64) of each request's verify rows on the unchecked
+    path, where metadata is trusted only as far as it stays in bounds: a request is live when it has rows
+    and its first row exists; its count (drafts or tree nodes) is clamped to [0, count_max], to its rows
+    less one and to the rows left in the logits, and is 0 when not live (triton/ragged.request_rows)."""
+    cu = cu_verify.to(torch.int64)
+    starts = cu[:-1]
+    live = (cu[1:] - starts > 0) & (starts >= 0) & (starts < num_rows)
+    room = torch.minimum(num_rows - 1 - starts.clamp(0, num_rows - 1), cu[1:] - starts - 1)
+    counts = torch.minimum(counts.to(torch.int64).clamp(0, count_max), room)
+    return starts, live, torch.where(live, counts, torch.zeros_like(counts))
+
+
 def inverse_temperature(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(greedy [N] bool, 1 / T [N] fp32 with T = 1 on greedy rows): z = logits * inv_t."""
     t = temperature.float()

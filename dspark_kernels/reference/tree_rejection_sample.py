@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import rng
-from .sampling import filtered_probs, gumbel_sample, inverse_temperature
+from .sampling import filtered_probs, gumbel_sample, inverse_temperature, request_rows
 
 
 def tree_rejection_sample(a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -39,14 +39,8 @@ def tree_rejection_sample(a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tokens, num_accepted, accepted_nodes
 
     req = torch.arange(num_req, device=device)
-    # Unchecked path, as rejection_sample: a request is live when it has rows and its first row exists; it
-    # verifies at most the nodes whose target rows exist.
-    cu = a.cu_verify.to(torch.int64)
-    starts = cu[:-1]
-    live = (cu[1:] - starts > 0) & (starts >= 0) & (starts < num_rows)
-    room = torch.minimum(num_rows - 1 - starts.clamp(0, num_rows - 1), cu[1:] - starts - 1)
-    n = torch.minimum(a.num_nodes.to(torch.int64).clamp(0, num_nodes_max), room)
-    n = torch.where(live, n, torch.zeros_like(n))
+    # Unchecked path, as rejection_sample: a request verifies at most the nodes whose target rows exist.
+    starts, live, n = request_rows(a.cu_verify, a.num_nodes, num_nodes_max, num_rows)
     greedy, _ = inverse_temperature(a.temperature)
 
     width = num_nodes_max + 1
