@@ -507,6 +507,9 @@ def test_draft_seconds_per_concurrency_round_trip_and_interpolation(tmp_path):
     for bad in ([[4, 1e-3], [2, 1e-3]], [[1, -1.0]], [], [[1, 2, 3]]):
         with pytest.raises(ValueError, match="draft_seconds"):
             save_sps_json(sps, tmp_path / "bad.json", draft_seconds={"dspark": bad})
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="kv_seconds_per_token"):
+            save_sps_json(sps, tmp_path / "bad.json", meta={"kv_seconds_per_token": bad})
     doc = json.loads(path.read_text())
     doc["meta"]["draft_seconds"]["dspark"] = [[2, 1e-3], [1, 1e-3]]
     path.write_text(json.dumps(doc))

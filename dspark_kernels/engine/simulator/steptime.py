@@ -517,6 +517,14 @@ def draft_at(value, concurrency: int) -> float:
     return points[-1][1]
 
 
+def _check_meta_seconds(meta: dict, where: str) -> None:
+    """meta.overhead_seconds and meta.kv_seconds_per_token, when present, are finite seconds >= 0."""
+    for key in ("overhead_seconds", "kv_seconds_per_token"):
+        value = meta.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{where}.{key} must be seconds >= 0, got {value!r}")
+
+
 def _valid_draft_entry(value) -> bool:
     if isinstance(value, bool):
         return False
@@ -556,10 +564,7 @@ def save_sps_json(profile_or_sps, path, *, name: str | None = None, gpus: int = 
     doc = {"format": SPS_FORMAT, "version": SPS_VERSION, "sps": [float(v) for v in values.tolist()],
            "meta": {**(meta or {}), "name": name or pathlib.Path(os.fspath(path)).stem, "gpus": int(gpus),
                     "draft_seconds": dict(draft_seconds or {})}}
-    for key in ("overhead_seconds", "kv_seconds_per_token"):
-        value = doc["meta"].get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"meta[{key!r}] must be seconds >= 0, got {value!r}")
+    _check_meta_seconds(doc["meta"], "meta")
     target = pathlib.Path(os.fspath(path))
     target.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return target
@@ -595,10 +600,7 @@ def load_sps_json(path) -> TableStepModel:
     gpus = meta.get("gpus", 1)
     if not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"{source}: meta.gpus must be a positive integer, got {gpus!r}")
-    for key in ("overhead_seconds", "kv_seconds_per_token"):
-        value = meta.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{source}: meta.{key} must be seconds >= 0, got {value!r}")
+    _check_meta_seconds(meta, f"{source}: meta")
     return TableStepModel(sps, str(meta.get("name") or source.stem), gpus, dict(draft), dict(meta))
 
 
