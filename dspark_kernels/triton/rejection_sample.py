@@ -475,15 +475,9 @@ def _race_kernel(
                 q = tl.where(inside & has_q, q, 0.0)
             w = tl.where(p > q, p - q, 0.0)
             mass_w += tl.sum(w, 0)
-            g = rng.gumbel(rng.uniform_tile(seed, offset, stream, n_acc, v0, BLOCK))
-            best_w, arg_w = argmax_update(best_w, arg_w, tl.where(inside, tl.log(w) + g, float("-inf")), v0)
-            best_p, arg_p = argmax_update(best_p, arg_p, tl.where(inside, tl.log(p) + g, float("-inf")), v0)
-    out = (r * num_slices + sl) * 3
-    tl.store(part_f_ptr + out, best_w)
-    tl.store(part_f_ptr + out + 1, best_p)
-    tl.store(part_f_ptr + out + 2, mass_w)
-    tl.store(part_i_ptr + out, arg_w)
-    tl.store(part_i_ptr + out + 1, arg_p)
+            best_w, arg_w, best_p, arg_p = race_tile(best_w, arg_w, best_p, arg_p, w, p, inside, seed, offset,
+                                                     stream, n_acc, v0, BLOCK)
+    store_race_partials(part_f_ptr, part_i_ptr, r * num_slices + sl, best_w, best_p, mass_w, arg_w, arg_p)
     if sl == 0:
         # The walk's outcome, for the merge: n_acc, and the token when no race decides it.
         amax_final = tl.load(stats_i_ptr + row * 3 + 2, mask=live, other=0)
@@ -494,6 +488,27 @@ def _race_kernel(
 
 
 # --------------------------------------------------------------------------- kernel 3: merge the slices
+
+
+@triton.jit
+def race_tile(best_w, arg_w, best_p, arg_p, w, p, inside, seed, offset, stream, position, v0, BLOCK: tl.constexpr):
+    """One vocabulary tile of the residual / bonus race: the same Gumbel noise (stream, position, token)
+    offered to the residual weights w and to the target probabilities p; running first-index argmaxes."""
+    g = rng.gumbel(rng.uniform_tile(seed, offset, stream, position, v0, BLOCK))
+    best_w, arg_w = argmax_update(best_w, arg_w, tl.where(inside, tl.log(w) + g, float("-inf")), v0)
+    best_p, arg_p = argmax_update(best_p, arg_p, tl.where(inside, tl.log(p) + g, float("-inf")), v0)
+    return best_w, arg_w, best_p, arg_p
+
+
+@triton.jit
+def store_race_partials(part_f_ptr, part_i_ptr, slot, best_w, best_p, mass_w, arg_w, arg_p):
+    """A slice program's race result at ``slot`` = request·num_slices + slice (3 words each), for merged_token."""
+    out = slot * 3
+    tl.store(part_f_ptr + out, best_w)
+    tl.store(part_f_ptr + out + 1, best_p)
+    tl.store(part_f_ptr + out + 2, mass_w)
+    tl.store(part_i_ptr + out, arg_w)
+    tl.store(part_i_ptr + out + 1, arg_p)
 
 
 @triton.jit

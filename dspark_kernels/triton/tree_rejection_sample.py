@@ -34,8 +34,9 @@ import triton.language as tl
 from .. import constants as C
 from . import rng
 from .ragged import request_rows
-from .rejection_sample import BLOCK_V, _slices, _target_prob, load_row_stats, merged_token, row_statistics
-from .sampling import argmax_update, greedy_and_inverse, scaled_tile_mul
+from .rejection_sample import (BLOCK_V, _slices, _target_prob, load_row_stats, merged_token, race_tile, row_statistics,
+                               store_race_partials)
+from .sampling import greedy_and_inverse, scaled_tile_mul
 
 STREAM_ACCEPT = tl.constexpr(C.STREAM_ACCEPT)
 STREAM_TREE_ACCEPT = tl.constexpr(C.STREAM_TREE_ACCEPT)
@@ -215,15 +216,9 @@ def _race_kernel(
                     xk = tl.load(tok_ptr + r * stride_kr + k * stride_kn).to(tl.int64)
                     w = tl.where((pk == cur) & (idx == xk), 0.0, w)
             mass_w += tl.sum(w, 0)
-            g = rng.gumbel(rng.uniform_tile(seed, offset, stream, depth, v0, BLOCK))
-            best_w, arg_w = argmax_update(best_w, arg_w, tl.where(inside, tl.log(w) + g, float("-inf")), v0)
-            best_p, arg_p = argmax_update(best_p, arg_p, tl.where(inside, tl.log(p) + g, float("-inf")), v0)
-    out = (r * num_slices + sl) * 3
-    tl.store(part_f_ptr + out, best_w)
-    tl.store(part_f_ptr + out + 1, best_p)
-    tl.store(part_f_ptr + out + 2, mass_w)
-    tl.store(part_i_ptr + out, arg_w)
-    tl.store(part_i_ptr + out + 1, arg_p)
+            best_w, arg_w, best_p, arg_p = race_tile(best_w, arg_w, best_p, arg_p, w, p, inside, seed, offset,
+                                                     stream, depth, v0, BLOCK)
+    store_race_partials(part_f_ptr, part_i_ptr, r * num_slices + sl, best_w, best_p, mass_w, arg_w, arg_p)
 
 
 @triton.jit
